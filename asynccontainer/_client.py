@@ -1,0 +1,264 @@
+"""The caller's side of the fork server: start it, send requests, read replies.
+
+Everything here is async through anyio and works under asyncio and trio, and
+under several event loops of one process at once: the only shared state is
+the server process and its control socket, and sending a datagram on that
+socket needs no lock (see `_protocol`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+import anyio
+
+from ._errors import ContainerError
+from ._protocol import (
+    ExceptionInfo,
+    Exited,
+    Forked,
+    FrameBuffer,
+    SpawnFailed,
+    SpawnRequest,
+    encode_frame,
+    fds_ancillary,
+    recvmsg_fds,
+)
+
+__all__ = [
+    "AsyncFrameChannel",
+    "ForkServer",
+    "fork_server",
+    "rebuild_exception",
+    "receive_status",
+    "send_request",
+    "shutdown_fork_server",
+]
+
+# Runs in the fresh interpreter: `-I` keeps the caller's PYTHON* variables
+# and user site out of the server, and the caller's sys.path comes in argv.
+_BOOTSTRAP = (
+    "import sys; sys.path[:] = __import__('json').loads(sys.argv[1]); "
+    "from asynccontainer._server import main; main(sys.argv[2:])"
+)
+
+
+class ForkServer:
+    """One running fork server process and the caller's end of its control socket."""
+
+    def __init__(self) -> None:
+        caller_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the server
+        # exits (prctl(2)); only the main thread lives as long as the process.
+        die_with_parent = threading.current_thread() is threading.main_thread()
+        try:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    _BOOTSTRAP,
+                    json.dumps(sys.path),
+                    str(server_end.fileno()),
+                    str(os.getpid()),
+                    "1" if die_with_parent else "0",
+                ],
+                pass_fds=[server_end.fileno()],
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except BaseException:
+            caller_end.close()
+            raise
+        finally:
+            server_end.close()
+        caller_end.setblocking(False)
+        self.control = caller_end
+
+    @property
+    def pid(self) -> int:
+        """The server's PID."""
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """True while the server process runs (reaps it once it has exited)."""
+        return self.process.poll() is None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the control socket and wait for the server to exit.
+
+        The server kills and reaps its remaining containers on end-of-file.
+        """
+        self.control.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+_server_lock = threading.Lock()
+_server: ForkServer | None = None
+
+
+def fork_server() -> ForkServer:
+    """Return this process's fork server, starting it on first use or after it died."""
+    global _server
+    with _server_lock:
+        if _server is not None and _server.pid != 0 and _server.alive():
+            return _server
+        if _server is not None:
+            _server.control.close()
+        _server = ForkServer()
+        return _server
+
+
+def shutdown_fork_server() -> None:
+    """Stop this process's fork server, if one runs; the next container starts a new one.
+
+    Containers still running are killed by the server before it exits.
+    """
+    global _server
+    with _server_lock:
+        server, _server = _server, None
+    if server is not None:
+        server.close()
+
+
+def _at_fork_in_child() -> None:
+    # A forked child must not share the parent's server: the parent's Popen
+    # object cannot be waited on from here, and the child's containers would
+    # outlive it. It starts a server of its own on first use.
+    global _server, _server_lock
+    _server_lock = threading.Lock()
+    if _server is not None:
+        _server.control.close()
+        _server = None
+
+
+os.register_at_fork(after_in_child=_at_fork_in_child)
+
+
+async def send_request(request: SpawnRequest, fds: Sequence[int]) -> None:
+    """Send one request datagram to the fork server (starting it if needed).
+
+    Raises:
+        ContainerError: when the server cannot be reached even after a restart.
+    """
+    # One datagram, one request: no frame header needed.
+    data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+    for attempt in range(2):
+        server = fork_server()
+        try:
+            while True:
+                try:
+                    server.control.sendmsg([data], fds_ancillary(fds))
+                    return
+                except BlockingIOError:
+                    await anyio.wait_writable(server.control)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The server died (killed from outside?): the request was not
+            # delivered, so it is safe to start another server and resend.
+            if attempt:
+                raise ContainerError(
+                    f"the fork server (PID {server.pid}) is not reachable: {exc}; "
+                    "check that nothing kills it and that sys.executable runs"
+                ) from exc
+
+
+class AsyncFrameChannel:
+    """Frames over one non-blocking stream socket, read and written asynchronously."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._buffer = FrameBuffer()
+        self._eof = False
+
+    async def receive(self) -> tuple[object, list[int]]:
+        """Return the next (message, fds).
+
+        Raises:
+            EOFError: when the peer closed its end before a whole frame came.
+        """
+        while True:
+            frame = self._buffer.next_frame()
+            if frame is not None:
+                return frame
+            if self._eof:
+                raise EOFError("the peer closed the socket")
+            try:
+                data, fds = recvmsg_fds(self.sock, 65536)
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except ConnectionResetError:
+                data, fds = b"", []
+            if not data and not fds:
+                self._eof = True
+            self._buffer.feed(data, fds)
+
+    async def send(self, message: object, fds: Sequence[int] = ()) -> None:
+        """Send one frame, its fds with the first byte.
+
+        Raises:
+            BrokenPipeError: when the peer is gone.
+        """
+        data = memoryview(encode_frame(message, len(fds)))
+        ancillary = fds_ancillary(fds)
+        while data:
+            try:
+                sent = self.sock.sendmsg([data], ancillary)
+            except BlockingIOError:
+                await anyio.wait_writable(self.sock)
+                continue
+            data = data[sent:]
+            ancillary = []
+
+    def close(self) -> None:
+        """Close the socket and any fds received but not handed out."""
+        self._buffer.close()
+        self.sock.close()
+
+
+async def receive_status(
+    status: AsyncFrameChannel,
+) -> tuple[Forked | SpawnFailed | Exited, int | None]:
+    """Return the next message of a status channel, and the pidfd a `Forked` brings.
+
+    Raises:
+        ContainerError: when the server closed the channel without a word,
+            which means it died.
+    """
+    try:
+        message, fds = await status.receive()
+    except EOFError:
+        raise ContainerError(
+            "the fork server exited while a container was running; the container was "
+            "killed with it. Look for a traceback of the server on stderr, or an OOM kill"
+        ) from None
+    if isinstance(message, Forked) and len(fds) == 1:
+        return message, fds[0]
+    for fd in fds:
+        os.close(fd)
+    if isinstance(message, SpawnFailed | Exited):
+        return message, None
+    raise ContainerError(f"unexpected message from the fork server: {message!r}")
+
+
+def rebuild_exception(info: ExceptionInfo) -> BaseException:
+    """Return the remote exception, or a ContainerError when it cannot be unpickled here."""
+    try:
+        return info.rebuild()
+    except Exception as exc:
+        return ContainerError(
+            f"the container raised an exception that cannot be unpickled here ({exc!r}):\n"
+            f"{info.traceback}"
+        )

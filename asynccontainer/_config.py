@@ -1,0 +1,38 @@
+"""The checked description of one container, as the caller sends it to the child.
+
+`ContainerConfig` is built by `run_container` (in the caller, where every
+check happens) and unpickled by the container process. The target and the
+populate hook travel as cloudpickle bytes, so that lambdas and closures work;
+they are unpickled in the container process itself, before pivot_root, while
+the host's modules are still in reach.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ._filesystems import MountItem
+
+__all__ = ["ContainerConfig"]
+
+
+@attrs.frozen
+class ContainerConfig:
+    """Everything the container process needs to set itself up and run the target."""
+
+    namespaces: frozenset[str]
+    root: str | None
+    mounts: tuple[MountItem, ...]
+    writable_root: bool
+    loopback_network: bool
+    lock_mounts: bool
+    hostname: str | None
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    # Exactly one of command and pickled_callable is set.
+    command: tuple[str, ...] | None
+    pickled_callable: bytes | None
+    pickled_populate: bytes | None
+    # The caller's sys.path, so the child can import what the callable
+    # refers to by reference (a function of a test module, say).
+    sys_path: tuple[str, ...]

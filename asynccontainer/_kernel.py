@@ -1,0 +1,323 @@
+"""The kernel edge: thin ctypes bindings for the system calls Python 3.11 lacks.
+
+Every function here does one system call and nothing else: no policy, no
+retries, no defaults beyond the kernel's. A failing call raises `OSError` (the
+subclass the errno selects, such as `FileNotFoundError`) whose message names
+the call, so that an error surfacing far away still says which step failed.
+
+Where the standard library already has the call it is used instead:
+`os.pidfd_open` (3.9), `signal.pidfd_send_signal` (3.9), `socket.sethostname`
+(3.3). Python 3.12 adds `os.unshare` and `os.setns`; until 3.11 support is
+dropped we bind them here.
+
+Constants are named after the kernel's and carry the header they come from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import signal
+import socket
+
+__all__ = [
+    "CLONE_NEWCGROUP",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWNS",
+    "CLONE_NEWPID",
+    "CLONE_NEWUSER",
+    "CLONE_NEWUTS",
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_PRIVATE",
+    "MS_RDONLY",
+    "MS_REC",
+    "MS_REMOUNT",
+    "MS_STRICTATIME",
+    "clone",
+    "mount",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "pivot_root",
+    "prctl",
+    "set_process_name",
+    "sethostname",
+    "setns",
+    "umount2",
+    "unshare",
+]
+
+# <linux/sched.h>
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+
+# <linux/mount.h> (MS_* mount flags, MNT_* umount2 flags)
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+MNT_FORCE = 1
+MNT_DETACH = 2
+MNT_EXPIRE = 4
+UMOUNT_NOFOLLOW = 8
+
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
+PR_SET_NAME = 15
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+
+# <asm/unistd_64.h> and <asm-generic/unistd.h>: the calls glibc has no wrapper
+# for (pivot_root) or whose wrapper we must not use (clone: glibc's wrapper
+# wants a function and a separate stack; we want fork semantics).
+_SYSCALL_NUMBERS = {
+    "x86_64": {"clone": 56, "pivot_root": 155},
+    "aarch64": {"clone": 220, "pivot_root": 41},
+}
+
+# use_errno: read errno right after the call, before Python can clobber it.
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# A PyDLL keeps the GIL held during the call. clone() must run with the GIL
+# held: the child starts with a copy of this thread holding it, which is the
+# state the interpreter's after-fork hook expects (BenchExec's container.py
+# documents the deadlocks seen otherwise).
+_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_libc.syscall.restype = ctypes.c_long
+_libc_gil.syscall.restype = ctypes.c_long
+
+
+def _syscall_number(name: str) -> int:
+    machine = platform.machine()
+    try:
+        return _SYSCALL_NUMBERS[machine][name]
+    except KeyError:
+        raise OSError(
+            0, f"{name}: no system call number known for machine {machine!r}"
+        ) from None
+
+
+def _fsencode(path: str | bytes | os.PathLike[str] | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def _check(result: int, call: str, filename: object = None) -> int:
+    """Raise the OSError for errno when a libc call returned -1."""
+    if result == -1:
+        err = ctypes.get_errno()
+        message = f"{call}: {os.strerror(err)}"
+        if filename is None:
+            raise OSError(err, message)
+        raise OSError(err, message, filename)
+    return result
+
+
+def unshare(flags: int) -> None:
+    """Move the calling process into new namespaces; see unshare(2).
+
+    Raises:
+        OSError: EINVAL when the process is multi-threaded and CLONE_NEWUSER
+            is asked, EPERM without the privilege, ENOSPC past a limit in
+            /proc/sys/user/max_*_namespaces.
+    """
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace that `fd` (an open /proc/PID/ns/* file) refers to; see setns(2).
+
+    Raises:
+        OSError: EPERM without CAP_SYS_ADMIN in the namespace's owner, EINVAL
+            when joining a user namespace from a multi-threaded process or
+            joining one's own user namespace.
+    """
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(
+    source: str | bytes | os.PathLike[str] | None,
+    target: str | bytes | os.PathLike[str],
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """Mount a file system; see mount(2). The target names the error.
+
+    Raises:
+        OSError: as mount(2) sets errno (ENOENT, EPERM, EINVAL ...).
+    """
+    _check(
+        _libc.mount(
+            _fsencode(source),
+            _fsencode(target),
+            None if fstype is None else fstype.encode(),
+            flags,
+            None if data is None else data.encode(),
+        ),
+        "mount",
+        os.fsdecode(target),
+    )
+
+
+def umount2(target: str | bytes | os.PathLike[str], flags: int = 0) -> None:
+    """Unmount the file system at `target`; see umount2(2).
+
+    Raises:
+        OSError: EINVAL for a locked mount or one that is not a mount point,
+            EBUSY while in use (without MNT_DETACH).
+    """
+    _check(_libc.umount2(_fsencode(target), flags), "umount2", os.fsdecode(target))
+
+
+def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]) -> None:
+    """Make `new_root` the root mount, the old one stacked at `put_old`; see pivot_root(2).
+
+    Raises:
+        OSError: EINVAL when new_root is not a mount point, the current root
+            is shared, or put_old is not under new_root; EBUSY when either is
+            the current root in a way the kernel refuses.
+    """
+    number = _syscall_number("pivot_root")
+    _check(
+        _libc.syscall(
+            ctypes.c_long(number),
+            ctypes.c_char_p(os.fsencode(new_root)),
+            ctypes.c_char_p(os.fsencode(put_old)),
+        ),
+        "pivot_root",
+        os.fsdecode(new_root),
+    )
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """Operate on the calling process; see prctl(2). Returns prctl's result.
+
+    Raises:
+        OSError: as prctl(2) sets errno (EINVAL for an unknown option).
+    """
+    return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), "prctl")
+
+
+def set_process_name(name: str) -> None:
+    """Set the calling thread's name (/proc/PID/comm, 15 bytes at most); see PR_SET_NAME.
+
+    Raises:
+        OSError: as prctl(2) sets errno.
+    """
+    buffer = ctypes.create_string_buffer(name.encode()[:15])
+    prctl(PR_SET_NAME, ctypes.addressof(buffer))
+
+
+def clone(flags: int) -> int:
+    """Fork the calling process with extra clone flags; see clone(2).
+
+    It behaves as fork(): with no new stack the child continues from this
+    call on a copy of the caller's memory, and it returns 0 in the child and
+    the child's PID in the parent. `flags` should include the exit signal
+    (usually SIGCHLD). Unlike `os.fork`, the CLONE_NEWPID and CLONE_NEWUSER
+    flags apply to the child itself, so it can be PID 1 of a new namespace.
+
+    The interpreter's own fork hooks (PyOS_BeforeFork and the two
+    PyOS_AfterFork_* calls, as `os.fork` does them) are run around the
+    system call; the caller must be single-threaded.
+
+    Raises:
+        OSError: EPERM, EINVAL, ENOSPC (namespace limits), ENOMEM, EUSERS.
+    """
+    number = _syscall_number("clone")
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    # x86_64: clone(flags, stack, parent_tid, child_tid, tls); aarch64 swaps
+    # the last two. With everything but flags zero, the order is moot.
+    pid = _libc_gil.syscall(
+        ctypes.c_long(number),
+        ctypes.c_ulong(flags),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+    )
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return int(pid)
+
+
+def pidfd_open(pid: int) -> int:
+    """Return a new pidfd (close-on-exec) for the process `pid`; see pidfd_open(2).
+
+    Raises:
+        ProcessLookupError: when no such process exists.
+    """
+    return os.pidfd_open(pid)
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    """Send `sig` to the process the pidfd refers to; see pidfd_send_signal(2).
+
+    A pidfd cannot refer to a recycled PID, which is what makes signals race-free.
+
+    Raises:
+        ProcessLookupError: when the process has already exited.
+    """
+    signal.pidfd_send_signal(pidfd, sig)
+
+
+def sethostname(name: str) -> None:
+    """Set the host name of the calling process's UTS namespace; see sethostname(2).
+
+    Raises:
+        PermissionError: without CAP_SYS_ADMIN in the UTS namespace's owner.
+    """
+    socket.sethostname(name)

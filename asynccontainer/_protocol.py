@@ -1,0 +1,263 @@
+"""Messages between the caller, the fork server and the container, and their framing.
+
+Three channels, all AF_UNIX sockets (see docs/design.md):
+
+- the *control* socket (SOCK_SEQPACKET), caller to server only: one
+  `SpawnRequest` per datagram, with the two sockets below attached as
+  SCM_RIGHTS. A datagram is delivered whole or not at all, so any number of
+  tasks, threads or event loops may send on it without a lock, and the
+  server never answers on it: nothing on this socket needs routing back.
+- the *status* socket (stream), server to caller: `Forked` (with a pidfd)
+  or `SpawnFailed`, and at the end `Exited`.
+- the *handshake* socket (stream), caller and container: the caller sends
+  `ContainerSetup` (with the container's stdio fds); the container answers
+  `Ready`, `Execing` or `SetupFailed`. It is close-on-exec in the container,
+  so end-of-file after `Execing` means the exec succeeded (the same trick
+  as subprocess's error pipe).
+
+Stream frames are a 4-byte big-endian length, a 1-byte count of the fds that
+travel with the frame, then a pickle. Only the caller ever sends pickles to
+the server or the container, and it is the same user's process, so
+unpickling here trusts nobody new.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import pickle
+import socket
+import struct
+import traceback
+from collections.abc import Sequence
+
+import attrs
+
+__all__ = [
+    "MAX_FDS",
+    "ContainerSetup",
+    "Execing",
+    "Exited",
+    "ExceptionInfo",
+    "Forked",
+    "FrameBuffer",
+    "IdMap",
+    "Ready",
+    "SetupFailed",
+    "SpawnFailed",
+    "SpawnRequest",
+    "encode_frame",
+    "recv_frame",
+    "send_frame",
+]
+
+MAX_FDS = 8
+"""The most fds one message carries."""
+
+_HEADER = struct.Struct(">IB")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+@attrs.frozen
+class IdMap:
+    """The uid/gid maps of a new user namespace (see `write_id_maps`)."""
+
+    guest_uid: int
+    guest_gid: int
+    count: int
+
+
+@attrs.frozen
+class SpawnRequest:
+    """Caller to server: clone a container with these flags (fds: handshake, status)."""
+
+    clone_flags: int
+    id_map: IdMap | None
+
+
+@attrs.frozen
+class ExceptionInfo:
+    """An exception raised in another process: the pickled object and its traceback text."""
+
+    pickled: bytes
+    traceback: str
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> ExceptionInfo:
+        """Return the info for `exc`; an exception that cannot be pickled becomes a RuntimeError."""
+        text = "".join(traceback.format_exception(exc))
+        try:
+            # cloudpickle, not pickle: an exception class defined by value in
+            # a pickled callable (in __main__, say) goes back by value too,
+            # and cloudpickle's class tracker turns it back into the very
+            # class object the caller has, so `except ThatError` works.
+            import cloudpickle
+
+            pickled = cloudpickle.dumps(exc)
+            pickle.loads(pickled)
+        except Exception:
+            pickled = pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
+        return cls(pickled, text)
+
+    def rebuild(self) -> BaseException:
+        """Return the exception, with the remote traceback attached as a note."""
+        exc: BaseException = pickle.loads(self.pickled)
+        exc.add_note(f"Raised in the container process:\n{self.traceback.rstrip()}")
+        return exc
+
+
+@attrs.frozen
+class Forked:
+    """Server to caller: the container process exists (fds: a pidfd for it)."""
+
+    pid: int
+
+
+@attrs.frozen
+class SpawnFailed:
+    """Server to caller: the container could not be created."""
+
+    error: ExceptionInfo
+
+
+@attrs.frozen
+class Exited:
+    """Server to caller: the container process was reaped with this returncode."""
+
+    returncode: int
+
+
+@attrs.frozen
+class ContainerSetup:
+    """Caller to container: everything it needs (fds: stdin, stdout, stderr)."""
+
+    config: object  # a ContainerConfig; typed loosely to keep this module at the bottom
+
+
+@attrs.frozen
+class Ready:
+    """Container to caller: set-up done; the callable is about to run."""
+
+
+@attrs.frozen
+class Execing:
+    """Container to caller: set-up done; exec follows (EOF means it worked)."""
+
+
+@attrs.frozen
+class SetupFailed:
+    """Container to caller: set-up or exec raised this."""
+
+    error: ExceptionInfo
+
+
+def encode_frame(message: object, nfds: int = 0) -> bytes:
+    """Return the bytes of one stream frame holding `message`."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload), nfds) + payload
+
+
+def fds_ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """Return the sendmsg() ancillary data that passes `fds` (SCM_RIGHTS)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def send_frame(sock: socket.socket, message: object, fds: Sequence[int] = ()) -> None:
+    """Send one frame on a blocking stream socket, the fds with its first byte.
+
+    Raises:
+        OSError: BrokenPipeError when the peer is gone.
+    """
+    data = encode_frame(message, len(fds))
+    sent = sock.sendmsg([data], fds_ancillary(fds))
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def unpack_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """Return the fds of SCM_RIGHTS ancillary data.
+
+    Raises:
+        OSError: when the kernel truncated the ancillary data (MSG_CTRUNC):
+            the fds that did not fit were closed by the kernel and are lost.
+    """
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % array.array("i").itemsize
+            fds.extend(array.array("i", data[:usable]))
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError("file descriptors were lost in transit (MSG_CTRUNC)")
+    return fds
+
+
+def recvmsg_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    """recvmsg() with room for MAX_FDS fds, received close-on-exec."""
+    # MSG_CMSG_CLOEXEC: an fd received without it would leak into whatever
+    # the receiver executes next (Python sets O_CLOEXEC on fds it creates,
+    # but not on those it receives).
+    data, ancdata, flags, _ = sock.recvmsg(size, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
+    return data, unpack_fds(ancdata, flags)
+
+
+class FrameBuffer:
+    """Reassembles frames from stream chunks and hands each its fds.
+
+    The sans-I/O core shared by the blocking reader below and the async one
+    in `_client`. fds are queued in arrival order and each frame takes as
+    many as its header says, which stays right however the kernel splits
+    the byte stream.
+    """
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._fds: list[int] = []
+
+    def feed(self, data: bytes, fds: Sequence[int]) -> None:
+        """Add received bytes and fds."""
+        self._data += data
+        self._fds.extend(fds)
+
+    def next_frame(self) -> tuple[object, list[int]] | None:
+        """Return the next complete (message, fds), or None if more bytes are needed."""
+        if len(self._data) < _HEADER.size:
+            return None
+        length, nfds = _HEADER.unpack_from(self._data)
+        end = _HEADER.size + length
+        if len(self._data) < end or len(self._fds) < nfds:
+            return None
+        message = pickle.loads(bytes(self._data[_HEADER.size : end]))
+        del self._data[:end]
+        fds, self._fds = self._fds[:nfds], self._fds[nfds:]
+        return message, fds
+
+    @property
+    def pending(self) -> bool:
+        """True while bytes of an unfinished frame are buffered."""
+        return bool(self._data)
+
+    def close(self) -> None:
+        """Close every fd received but not yet handed out."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def recv_frame(sock: socket.socket, buffer: FrameBuffer) -> tuple[object, list[int]]:
+    """Block until a whole frame arrives on a stream socket and return it with its fds.
+
+    Raises:
+        EOFError: when the peer closed the socket first.
+    """
+    while True:
+        frame = buffer.next_frame()
+        if frame is not None:
+            return frame
+        data, fds = recvmsg_fds(sock, 65536)
+        if not data and not fds:
+            raise EOFError("the peer closed the socket")
+        buffer.feed(data, fds)
