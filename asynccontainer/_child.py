@@ -20,8 +20,8 @@ from ._config import ContainerConfig
 from ._mount import bring_loopback_up, lock_mounts, mount_file_systems
 from ._protocol import (
     ContainerSetup,
-    Execing,
     ExceptionInfo,
+    Execing,
     FrameBuffer,
     Ready,
     SetupFailed,
@@ -93,9 +93,7 @@ def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
         message, stdio = recv_frame(handshake, FrameBuffer())
     except BaseException:
         os._exit(EXIT_PARENT_DIED)
-    if not isinstance(message, ContainerSetup) or not isinstance(
-        message.config, ContainerConfig
-    ):
+    if not isinstance(message, ContainerSetup) or not isinstance(message.config, ContainerConfig):
         os._exit(EXIT_PARENT_DIED)
     config = message.config
 

@@ -88,7 +88,7 @@ class ForkServer:
         return self.process.pid
 
     def alive(self) -> bool:
-        """True while the server process runs (reaps it once it has exited)."""
+        """Return True while the server process runs (reaping it once it has exited)."""
         return self.process.poll() is None
 
     def close(self, timeout: float = 5.0) -> None:

@@ -217,7 +217,8 @@ def _pickle_callable(what: str, function: Callable[[], object]) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(function)
+        pickled: bytes = cloudpickle.dumps(function)
+        return pickled
     except Exception as exc:
         raise TypeError(
             f"the {what} {function!r} cannot be pickled to be sent to the container: "
@@ -348,13 +349,13 @@ def _build(
     """
     names = normalize_namespaces(namespaces)
     items = _check_mounts(mounts)
-    for name, value in (
+    for flag_name, flag in (
         ("writable_root", writable_root),
         ("loopback_network", loopback_network),
         ("lock_mounts", lock_mounts),
     ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, not {value!r}")
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be True or False, not {flag!r}")
 
     if callable(target):
         command = None
@@ -371,10 +372,15 @@ def _build(
         if not os.path.isdir(root_path):
             raise NotADirectoryError(20, "the root must be a directory", root_path)
     if "mnt" not in names:
-        for name, value in (("root", root), ("mounts", items), ("populate", populate)):
-            if value:
+        needing_mnt: tuple[tuple[str, object], ...] = (
+            ("root", root),
+            ("mounts", items),
+            ("populate", populate),
+        )
+        for needing, given in needing_mnt:
+            if given:
                 raise ValueError(
-                    f"{name}= needs the 'mnt' namespace: without it the container shares "
+                    f"{needing}= needs the 'mnt' namespace: without it the container shares "
                     "the host's mounts; add 'mnt' to namespaces"
                 )
     if populate is not None and not callable(populate):
@@ -478,7 +484,8 @@ async def run_container(
         namespaces: names from `NAMESPACES`; all of them by default.
         host_uids: how many ids, from the caller's uid/gid up, are mapped
             into the user namespace (more than 1 needs root).
-        guest_uid, guest_gid: the ids the caller's uid/gid become inside.
+        guest_uid: the uid the caller's uid becomes inside.
+        guest_gid: the gid the caller's gid becomes inside.
         writable_root: leave the root writable (else EROFS on writes).
         populate: a callable run inside after pivot_root, before the root
             turns read-only, to create files in it.
@@ -490,8 +497,10 @@ async def run_container(
         env: None for an empty environment (Guix purifies it); else exactly
             this mapping.
         cwd: the working directory, a path inside the container.
-        stdin, stdout, stderr: None to share the caller's, an fd, a file
-            object, or subprocess.DEVNULL.
+        stdin: None to share the caller's, an fd, a file object, or
+            subprocess.DEVNULL.
+        stdout: as stdin.
+        stderr: as stdin.
 
     Returns:
         The running `Container`.
@@ -643,4 +652,3 @@ async def call_with_container(
     )
     async with container:
         return await container.wait()
-

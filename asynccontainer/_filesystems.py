@@ -118,9 +118,7 @@ class FileSystem:
     """
 
     device: str = attrs.field(validator=attrs.validators.instance_of(str))
-    mount_point: str = attrs.field(
-        converter=_normalize, validator=_absolute_path("mount point")
-    )
+    mount_point: str = attrs.field(converter=_normalize, validator=_absolute_path("mount point"))
     type: str = attrs.field(validator=attrs.validators.instance_of(str))
     flags: frozenset[str] = attrs.field(default=frozenset(), converter=_flag_set)
     options: str | None = attrs.field(
@@ -170,7 +168,7 @@ class FileSystemMapping:
     """
 
     source: str = attrs.field(converter=_normalize, validator=_absolute_path("mapping source"))
-    target: str = attrs.field(
+    target: str = attrs.field(  # type: ignore[assignment]  # None becomes source
         default=None,
         converter=attrs.converters.optional(_normalize),
         validator=attrs.validators.optional(_absolute_path("mapping target")),

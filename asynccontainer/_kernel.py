@@ -139,9 +139,7 @@ def _syscall_number(name: str) -> int:
     try:
         return _SYSCALL_NUMBERS[machine][name]
     except KeyError:
-        raise OSError(
-            0, f"{name}: no system call number known for machine {machine!r}"
-        ) from None
+        raise OSError(0, f"{name}: no system call number known for machine {machine!r}") from None
 
 
 def _fsencode(path: str | bytes | os.PathLike[str] | None) -> bytes | None:

@@ -100,7 +100,10 @@ def _mount_dev(root: str, stdin_tty: str | None) -> None:
     dev = f"{root}/dev"
     os.makedirs(dev, exist_ok=True)
     _kernel.mount(
-        "none", dev, "tmpfs", _kernel.MS_NOSUID | _kernel.MS_NOEXEC | _kernel.MS_STRICTATIME,
+        "none",
+        dev,
+        "tmpfs",
+        _kernel.MS_NOSUID | _kernel.MS_NOEXEC | _kernel.MS_STRICTATIME,
         "mode=755",
     )
     for node in _DEVICE_NODES:
@@ -116,7 +119,10 @@ def _mount_dev(root: str, stdin_tty: str | None) -> None:
     # A private devpts instance, so the container sees only its own
     # terminals (Documentation/filesystems/devpts.rst).
     _kernel.mount(
-        "devpts", f"{dev}/pts", "devpts", _kernel.MS_NOSUID | _kernel.MS_NOEXEC,
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        _kernel.MS_NOSUID | _kernel.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     )
     os.symlink("pts/ptmx", f"{dev}/ptmx")
@@ -186,13 +192,9 @@ def mount_file_systems(
         item.to_bind_mount() if isinstance(item, FileSystemMapping) else item for item in mounts
     ]
     # Every host path is opened before anything is mounted over /tmp.
-    root_fd = (
-        os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if root is not None else None
-    )
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if root is not None else None
     source_fds: list[int | None] = [
-        _open_source(item.device)
-        if isinstance(item, FileSystem) and item.is_bind_mount
-        else None
+        _open_source(item.device) if isinstance(item, FileSystem) and item.is_bind_mount else None
         for item in file_systems
     ]
     stdin_tty = os.ttyname(0) if os.isatty(0) else None
@@ -209,7 +211,9 @@ def mount_file_systems(
         # needs one of the container's own.
         os.makedirs(f"{new_root}/proc", exist_ok=True)
         _kernel.mount(
-            "proc", f"{new_root}/proc", "proc",
+            "proc",
+            f"{new_root}/proc",
+            "proc",
             _kernel.MS_NOSUID | _kernel.MS_NODEV | _kernel.MS_NOEXEC,
         )
     if "net" in namespaces:
@@ -217,7 +221,9 @@ def mount_file_systems(
         try:
             # sysfs wants CAP_SYS_ADMIN over the current net namespace.
             _kernel.mount(
-                "sysfs", f"{new_root}/sys", "sysfs",
+                "sysfs",
+                f"{new_root}/sys",
+                "sysfs",
                 _kernel.MS_NOSUID | _kernel.MS_NODEV | _kernel.MS_NOEXEC | _kernel.MS_RDONLY,
             )
         except PermissionError:

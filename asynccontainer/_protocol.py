@@ -36,9 +36,9 @@ import attrs
 __all__ = [
     "MAX_FDS",
     "ContainerSetup",
+    "ExceptionInfo",
     "Execing",
     "Exited",
-    "ExceptionInfo",
     "Forked",
     "FrameBuffer",
     "IdMap",

@@ -36,8 +36,8 @@ from . import _kernel
 from ._child import container_main
 from ._namespaces import write_id_maps
 from ._protocol import (
-    Exited,
     ExceptionInfo,
+    Exited,
     Forked,
     SpawnFailed,
     SpawnRequest,
@@ -222,4 +222,3 @@ def main(argv: list[str]) -> NoReturn:
     """Entry point of the exec'd server: ARGV is CONTROL_FD PARENT_PID DIE_WITH_PARENT."""
     control_fd, parent_pid, die_with_parent = argv
     serve(int(control_fd), int(parent_pid), die_with_parent == "1")
-

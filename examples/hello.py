@@ -1,0 +1,24 @@
+"""A first container: a shell in a fresh root, under asyncio and then trio.
+
+Run it with:  python examples/hello.py
+"""
+
+import anyio
+
+import asynccontainer as ac
+
+
+async def main() -> None:
+    # A fresh tmpfs root with the host's programs mapped read-only, every
+    # namespace new: uid 0 inside, PID 1, its own host name.
+    status = await ac.call_with_container(
+        ["sh", "-c", 'echo "hello from $(hostname): uid $(id -u), pid $$, root: $(echo /*)"'],
+        mounts=ac.HOST_SYSTEM_MAPPINGS,
+        hostname="box",
+    )
+    print(f"the container exited with status {status}")
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend="asyncio")
+    anyio.run(main, backend="trio")

@@ -1,0 +1,135 @@
+"""Shared fixtures: both anyio backends, and a check that no test leaves anything behind."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from asynccontainer import _client
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every coroutine test runs under asyncio and trio (anyio's plugin),
+    # unless it is marked for pytest-trio on purpose.
+    for item in items:
+        function = getattr(item, "function", None)
+        if (
+            inspect.iscoroutinefunction(function)
+            and item.get_closest_marker("trio") is None
+            and item.get_closest_marker("anyio") is None
+        ):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(params=["asyncio", "trio"], scope="session")
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def children_of(pid: int) -> set[int]:
+    """Return the PIDs of the direct children of `pid` (every thread's)."""
+    found: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as file:
+                found.update(int(child) for child in file.read().split())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def process_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def describe_process(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            command = file.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = "?"
+    return f"{pid} [{process_state(pid)}] {command[:120]}"
+
+
+def open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            pass  # the fd listdir itself used
+    return fds
+
+
+def mount_table() -> list[str]:
+    with open("/proc/self/mountinfo") as file:
+        # Mount IDs are reused; compare what is mounted where.
+        return sorted(" ".join(line.split()[3:]) for line in file)
+
+
+def temp_entries() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith("pytest-of-")}
+
+
+def fork_server_details() -> tuple[int | None, int | None]:
+    server = _client._server
+    if server is None or not server.alive():
+        return None, None
+    return server.pid, server.control.fileno()
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a process, a zombie, an fd, a mount or a temp file behind."""
+    fds_before = open_fds()
+    children_before = children_of(os.getpid())
+    mounts_before = mount_table()
+    temp_before = temp_entries()
+    server_before, _ = fork_server_details()
+    containers_before = children_of(server_before) if server_before else set()
+    yield
+    server_pid, control_fd = fork_server_details()
+    problems = []
+
+    containers = children_of(server_pid) if server_pid else set()
+    if server_pid == server_before:
+        # Report what this test left, not what an earlier one did.
+        containers -= containers_before
+    if containers:
+        problems.append(
+            "containers still running or unreaped under the fork server: "
+            + "; ".join(describe_process(pid) for pid in sorted(containers))
+        )
+    stray = children_of(os.getpid()) - children_before - {server_pid}
+    if stray:
+        problems.append(
+            "child processes left: " + "; ".join(describe_process(pid) for pid in sorted(stray))
+        )
+
+    fds_after = open_fds()
+    new_fds = {
+        fd: target
+        for fd, target in fds_after.items()
+        if fds_before.get(fd) != target and fd != control_fd
+    }
+    if new_fds:
+        problems.append(f"file descriptors left open: {new_fds}")
+    if mount_table() != mounts_before:
+        problems.append("the host's mount table changed")
+    new_temp = temp_entries() - temp_before
+    if new_temp:
+        problems.append(f"temporary files left in {tempfile.gettempdir()}: {sorted(new_temp)}")
+    if problems:
+        pytest.fail("the test leaked:\n- " + "\n- ".join(problems), pytrace=False)

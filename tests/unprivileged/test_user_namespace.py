@@ -1,0 +1,128 @@
+"""The user-namespace path, as root and (through tests/test_unprivileged.py) as nobody.
+
+Each assertion holds for both: what differs (the host id mapped, setgroups)
+is read from the running process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+import asynccontainer as ac
+
+SYSTEM = ac.HOST_SYSTEM_MAPPINGS
+ROOT = os.geteuid() == 0
+
+
+async def run_sh(script: str, **keywords: object) -> tuple[int, str]:
+    read_end, write_end = os.pipe()
+    try:
+        container = await ac.run_container(
+            ["sh", "-c", script],
+            mounts=keywords.pop("mounts", SYSTEM),
+            stdout=write_end,
+            stderr=write_end,
+            **keywords,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    async with container:
+        with os.fdopen(read_end, "rb") as reader:
+            data = await anyio.to_thread.run_sync(reader.read)
+        return await container.wait(), data.decode()
+
+
+async def test_root_inside_and_the_callers_ids_mapped() -> None:
+    returncode, out = await run_sh(
+        "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map", lock_mounts=False
+    )
+    assert returncode == 0, out
+    lines = out.splitlines()
+    assert lines[:2] == ["0", "0"]
+    assert lines[2].split() == ["0", str(os.geteuid()), "1"]
+    assert lines[3].split() == ["0", str(os.getegid()), "1"]
+
+
+async def test_setgroups_is_denied_unless_root() -> None:
+    returncode, out = await run_sh("cat /proc/self/setgroups", lock_mounts=False)
+    assert returncode == 0, out
+    assert out.strip() == ("allow" if ROOT else "deny")
+
+
+async def test_more_than_one_host_id_needs_root() -> None:
+    if ROOT:
+        returncode, out = await run_sh("cat /proc/self/uid_map", host_uids=1000, lock_mounts=False)
+        assert returncode == 0, out
+        assert out.split() == ["0", "0", "1000"]
+    else:
+        with pytest.raises(ValueError, match="only root may map more than one id"):
+            await ac.run_container(["true"], host_uids=2)
+
+
+async def test_tmpfs_mount_is_visible_inside() -> None:
+    tmpfs = ac.FileSystem("none", "/scratch", "tmpfs", options="size=1m")
+    returncode, out = await run_sh(
+        "echo hi > /scratch/file && cat /scratch/file && grep ' /scratch ' /proc/self/mountinfo",
+        mounts=[*SYSTEM, tmpfs],
+    )
+    assert returncode == 0, out
+    assert out.startswith("hi\n")
+    assert " - tmpfs " in out
+
+
+async def test_locked_mounts_cannot_be_unmounted() -> None:
+    tmpfs = ac.FileSystem("none", "/scratch", "tmpfs")
+
+    def try_umount() -> None:
+        from asynccontainer import _kernel
+
+        try:
+            _kernel.umount2("/scratch")
+        except OSError as exc:
+            raise SystemExit(10 if exc.errno == errno.EINVAL else 11) from None
+        raise SystemExit(12)
+
+    assert await ac.call_with_container(try_umount, mounts=[tmpfs]) == 10
+    # Without locking, the same umount succeeds.
+    assert await ac.call_with_container(try_umount, mounts=[tmpfs], lock_mounts=False) == 12
+
+
+async def test_missing_bind_source_raises_enoent_in_the_caller(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as info:
+        await ac.run_container(["true"], mounts=[ac.FileSystemMapping(str(missing))])
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename == str(missing)
+
+
+async def test_read_only_root_and_pid_1() -> None:
+    returncode, out = await run_sh("echo $$; mkdir /x 2>&1; echo $?")
+    assert returncode == 0, out
+    pid, message, status = out.splitlines()
+    assert pid == "1"
+    assert "Read-only file system" in message
+    assert status != "0"
+
+
+async def test_hostname_and_callable() -> None:
+    def check() -> None:
+        import socket
+
+        assert socket.gethostname() == "unpriv"
+        assert os.getuid() == 0
+
+    assert await ac.call_with_container(check, hostname="unpriv") == 0
+
+
+async def test_cancellation_kills_and_reaps() -> None:
+    with anyio.move_on_after(0.3) as scope:
+        await ac.call_with_container(["sleep", "60"], mounts=SYSTEM)
+    assert scope.cancelled_caught
