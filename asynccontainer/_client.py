@@ -112,7 +112,7 @@ def fork_server() -> ForkServer:
     """Return this process's fork server, starting it on first use or after it died."""
     global _server
     with _server_lock:
-        if _server is not None and _server.pid != 0 and _server.alive():
+        if _server is not None and _server.alive():
             return _server
         if _server is not None:
             _server.control.close()

@@ -9,6 +9,7 @@ import asynccontainer as ac
 
 
 async def main() -> None:
+    """Run one container and print its exit status."""
     # A fresh tmpfs root with the host's programs mapped read-only, every
     # namespace new: uid 0 inside, PID 1, its own host name.
     status = await ac.call_with_container(
