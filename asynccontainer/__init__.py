@@ -19,6 +19,7 @@ Everything public is importable from here::
 from ._client import shutdown_fork_server
 from ._container import Container, Target, call_with_container, run_container
 from ._errors import ContainerError
+from ._excursion import container_excursion, container_excursion_value
 from ._filesystems import (
     CONTAINER_FILE_SYSTEMS,
     HOST_SYSTEM_MAPPINGS,
@@ -37,6 +38,7 @@ from ._namespaces import (
     unprivileged_user_namespace_supported,
     user_namespace_supported,
 )
+from ._pidfile import read_pid_file
 
 __version__ = "0.1.0.dev0"
 
@@ -55,7 +57,10 @@ __all__ = [
     "Symlink",
     "Target",
     "call_with_container",
+    "container_excursion",
+    "container_excursion_value",
     "containers_supported",
+    "read_pid_file",
     "run_container",
     "setgroups_supported",
     "shutdown_fork_server",

@@ -16,20 +16,23 @@ import traceback
 from typing import NoReturn
 
 from . import _kernel
-from ._config import ContainerConfig
+from ._config import ContainerConfig, ExcursionConfig
 from ._mount import bring_loopback_up, lock_mounts, mount_file_systems
 from ._protocol import (
     ContainerSetup,
     ExceptionInfo,
+    ExcursionSetup,
     Execing,
     FrameBuffer,
+    Raised,
     Ready,
+    Returned,
     SetupFailed,
     recv_frame,
     send_frame,
 )
 
-__all__ = ["container_main"]
+__all__ = ["container_main", "join_namespaces"]
 
 # Guix's exit codes for a child that never got to run its target.
 EXIT_PARENT_DIED = 2
@@ -90,33 +93,44 @@ def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
 
     handshake = socket.socket(fileno=handshake_fd)
     try:
-        message, stdio = recv_frame(handshake, FrameBuffer())
+        message, fds = recv_frame(handshake, FrameBuffer())
     except BaseException:
         os._exit(EXIT_PARENT_DIED)
-    if not isinstance(message, ContainerSetup) or not isinstance(message.config, ContainerConfig):
-        os._exit(EXIT_PARENT_DIED)
-    config = message.config
+    if isinstance(message, ContainerSetup) and isinstance(message.config, ContainerConfig):
+        _container(handshake, message.config, fds)
+    if isinstance(message, ExcursionSetup) and isinstance(message.config, ExcursionConfig):
+        _excursion(handshake, message.config, fds)
+    os._exit(EXIT_PARENT_DIED)
 
+
+def _container(handshake: socket.socket, config: ContainerConfig, stdio: list[int]) -> NoReturn:
     try:
         target = _set_up(config, stdio)
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)
+    _run_target(handshake, config.command, target, dict(config.env))
 
-    env = dict(config.env)
-    if config.command is not None:
+
+def _run_target(
+    handshake: socket.socket,
+    command: tuple[str, ...] | None,
+    target: object,
+    env: dict[str, str],
+) -> NoReturn:
+    """Exec the command or run the callable, reporting on the handshake first."""
+    if command is not None:
         _report(handshake, Execing())
         try:
             # The handshake socket is close-on-exec: its end-of-file tells
             # the caller that this exec succeeded.
-            os.execvpe(config.command[0], list(config.command), env)
+            os.execvpe(command[0], list(command), env)
         except OSError as exc:
             # As subprocess reports it: the program as it was given, not the
             # last PATH entry execvpe happened to try.
-            error = OSError(exc.errno, exc.strerror, config.command[0])
+            error = OSError(exc.errno, exc.strerror, command[0])
             _report(handshake, SetupFailed(ExceptionInfo.capture(error)))
             os._exit(EXIT_EXEC_FAILED)
-
     os.environ.clear()
     os.environ.update(env)
     _report(handshake, Ready())
@@ -132,22 +146,31 @@ def _report(handshake: socket.socket, message: object) -> None:
         pass
 
 
-def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
-    """Do every set-up step of the container; return the unpickled callable (or None)."""
-    import pickle
-
+def _unpickle(pickled: bytes | None, sys_path: tuple[str, ...]) -> object:
     # Unpickle while the host's files are in reach: the callable may refer
     # to modules (a test file, the caller's package) by name.
-    if config.sys_path:
-        sys.path[:] = config.sys_path
-    target = pickle.loads(config.pickled_callable) if config.pickled_callable else None
-    populate = pickle.loads(config.pickled_populate) if config.pickled_populate else None
+    if pickled is None:
+        return None
+    import pickle
 
+    if sys_path:
+        sys.path[:] = sys_path
+    return pickle.loads(pickled)
+
+
+def _install_stdio(stdio: list[int]) -> None:
     for number, fd in enumerate(stdio):
         os.dup2(fd, number)
     for fd in stdio:
         if fd > 2:
             os.close(fd)
+
+
+def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
+    """Do every set-up step of the container; return the unpickled callable (or None)."""
+    target = _unpickle(config.pickled_callable, config.sys_path)
+    populate = _unpickle(config.pickled_populate, config.sys_path)
+    _install_stdio(stdio)
 
     if config.hostname is not None:
         _kernel.sethostname(config.hostname)
@@ -159,7 +182,7 @@ def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
                 mounts=config.mounts,
                 namespaces=config.namespaces,
                 writable_root=config.writable_root,
-                populate=populate,
+                populate=populate,  # type: ignore[arg-type]
                 write_hosts="net" in config.namespaces and config.loopback_network,
             )
         if "net" in config.namespaces and config.loopback_network:
@@ -196,3 +219,112 @@ def _run_callable(target: object) -> NoReturn:
         except Exception:
             pass
     os._exit(status)
+
+
+# Guix's order: user first, so that its capabilities allow joining the
+# others; mnt last, since /proc of the target is out of reach after it. A
+# single setns(pidfd, flags) joins them all at once (Linux 5.8), and the
+# kernel applies them in a safe order; the list only decides what differs.
+_JOIN_ORDER = (
+    ("user", _kernel.CLONE_NEWUSER),
+    ("cgroup", _kernel.CLONE_NEWCGROUP),
+    ("ipc", _kernel.CLONE_NEWIPC),
+    ("uts", _kernel.CLONE_NEWUTS),
+    ("net", _kernel.CLONE_NEWNET),
+    ("pid", _kernel.CLONE_NEWPID),
+    ("mnt", _kernel.CLONE_NEWNS),
+)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as info:
+        for line in info:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                if pid > 0:
+                    return pid
+    raise ProcessLookupError(3, "the process to enter has exited")
+
+
+def join_namespaces(pidfd: int) -> int:
+    """Join every namespace of the pidfd's process that this process does not share.
+
+    Joining a namespace one is already in fails (EINVAL for one's own user
+    namespace), and a process entering itself must not call setns at all,
+    so namespaces are compared first. Returns the CLONE_NEW* flags joined.
+
+    Raises:
+        ProcessLookupError: when the process has exited.
+        PermissionError: when this process may not enter it.
+    """
+    pid = _pidfd_pid(pidfd)
+    flags = 0
+    for name, flag in _JOIN_ORDER:
+        mine = os.stat(f"/proc/self/ns/{name}")
+        theirs = os.stat(f"/proc/{pid}/ns/{name}")
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            flags |= flag
+    if flags:
+        _kernel.setns(pidfd, flags)
+    return flags
+
+
+def _excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[int]) -> NoReturn:
+    """Guix's container-excursion: join the target's namespaces, fork, run there."""
+    try:
+        if len(fds) != 4:
+            raise ValueError(f"an excursion needs 4 fds, got {len(fds)}")
+        target = _unpickle(config.pickled_callable, config.sys_path)
+        _install_stdio(fds[:3])
+        join_namespaces(fds[3])
+        os.close(fds[3])
+        os.chdir("/")
+        # A new pid namespace only applies to children (setns(2)): the
+        # target runs in a child, which this process waits for.
+        child = os.fork()
+    except BaseException as exc:
+        _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
+        os._exit(EXIT_SETUP_FAILED)
+    if child == 0:
+        try:
+            _kernel.prctl(_kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
+        except BaseException:
+            os._exit(EXIT_PARENT_DIED)
+        env = dict(config.env)
+        if config.want_value:
+            _return_value(handshake, target, env)
+        _run_target(handshake, config.command, target, env)
+    handshake.close()
+    _, status = os.waitpid(child, 0)
+    _exit_like(status)
+
+
+def _return_value(handshake: socket.socket, target: object, env: dict[str, str]) -> NoReturn:
+    """Run the callable and send back its value or its exception (container-excursion*)."""
+    import cloudpickle
+
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        assert callable(target)
+        value = target()
+    except BaseException as exc:
+        _report(handshake, Raised(ExceptionInfo.capture(exc)))
+        os._exit(1)
+    try:
+        message: object = Returned(cloudpickle.dumps(value))
+    except Exception as exc:
+        error = TypeError(f"the value {value!r} cannot be pickled to be sent back: {exc}")
+        message = Raised(ExceptionInfo.capture(error))
+    _report(handshake, message)
+    os._exit(0 if isinstance(message, Returned) else 1)
+
+
+def _exit_like(status: int) -> NoReturn:
+    """Exit with the same wait status as the child that ended with `status`."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))

@@ -13,7 +13,7 @@ import attrs
 
 from ._filesystems import MountItem
 
-__all__ = ["ContainerConfig"]
+__all__ = ["ContainerConfig", "ExcursionConfig"]
 
 
 @attrs.frozen
@@ -35,4 +35,17 @@ class ContainerConfig:
     pickled_populate: bytes | None
     # The caller's sys.path, so the child can import what the callable
     # refers to by reference (a function of a test module, say).
+    sys_path: tuple[str, ...]
+
+
+@attrs.frozen
+class ExcursionConfig:
+    """What an excursion process runs once it has joined the target's namespaces."""
+
+    env: tuple[tuple[str, str], ...]
+    # Exactly one of command and pickled_callable is set.
+    command: tuple[str, ...] | None
+    pickled_callable: bytes | None
+    # Send the callable's value (or exception) back instead of an exit status.
+    want_value: bool
     sys_path: tuple[str, ...]

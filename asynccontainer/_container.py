@@ -283,7 +283,7 @@ def _check_id(name: str, value: int) -> int:
     return value
 
 
-class _Stdio:
+class _StdioFds:
     """The three fds a container starts with, and the ones opened only to pass them."""
 
     def __init__(self) -> None:
@@ -533,7 +533,7 @@ async def run_container(
         env=env,
         cwd=cwd,
     )
-    stdio = _Stdio()
+    stdio = _StdioFds()
     try:
         stdio.add("stdin", 0, stdin)
         stdio.add("stdout", 1, stdout)
@@ -544,12 +544,35 @@ async def run_container(
 
 
 async def _spawn(config: ContainerConfig, request: SpawnRequest, stdio: list[int]) -> Container:
+    container, handshake = await start_process(request, ContainerSetup(config), stdio)
+    try:
+        await await_ready(container, handshake)
+    except BaseException:
+        await container._kill_and_reap()
+        raise
+    finally:
+        handshake.close()
+    return container
+
+
+async def start_process(
+    request: SpawnRequest, setup: object, fds: Sequence[int]
+) -> tuple[Container, AsyncFrameChannel]:
+    """Have the fork server clone a process, send it `setup`, and return it with its handshake.
+
+    The process is set up and running its target once `await_ready`
+    returns; the caller owns the returned channel and must close it.
+
+    Raises:
+        OSError, ContainerError: as the server reports a failed clone.
+
+    Cancellation: whatever was created is killed and reaped first.
+    """
     caller_handshake, child_handshake = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     caller_status, server_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     handshake = AsyncFrameChannel(caller_handshake)
     status = AsyncFrameChannel(caller_status)
     requested = False
-    container: Container | None = None
     try:
         try:
             await send_request(request, [child_handshake.fileno(), server_status.fileno()])
@@ -558,55 +581,57 @@ async def _spawn(config: ContainerConfig, request: SpawnRequest, stdio: list[int
             child_handshake.close()
             server_status.close()
         try:
-            await handshake.send(ContainerSetup(config), stdio)
+            await handshake.send(setup, fds)
         except (BrokenPipeError, ConnectionResetError):
             # The child died before reading it; the status channel says why.
             pass
-
         message, pidfd = await receive_status(status)
         if isinstance(message, SpawnFailed):
             await _drain(status)
             raise rebuild_exception(message.error)
         if not isinstance(message, Forked) or pidfd is None:
             raise ContainerError(f"unexpected message from the fork server: {message!r}")
-        container = Container(message.pid, pidfd, status)
-
-        execing = False
-        while True:
-            try:
-                reply, fds = await handshake.receive()
-            except EOFError:
-                if execing:
-                    break
-                returncode = await container.wait()
-                raise ContainerError(
-                    f"the container process exited during its set-up with status {returncode} "
-                    "before reporting an error (killed from outside?)"
-                ) from None
-            for fd in fds:
-                os.close(fd)
-            if isinstance(reply, Ready):
-                break
-            if isinstance(reply, Execing):
-                execing = True
-            elif isinstance(reply, SetupFailed):
-                await container.wait()
-                raise rebuild_exception(reply.error)
-            else:
-                raise ContainerError(f"unexpected message from the container: {reply!r}")
-        return container
     except BaseException:
         # Cancelled or failed: nothing may outlive this call.
         handshake.close()
-        if container is not None:
-            await container._kill_and_reap()
-        elif requested:
+        if requested:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_REAP_TIMEOUT):
                 await _drain(status, kill=True)
         status.close()
         raise
-    finally:
-        handshake.close()
+    return Container(message.pid, pidfd, status), handshake
+
+
+async def await_ready(container: Container, handshake: AsyncFrameChannel) -> None:
+    """Wait until the process reports that its target runs.
+
+    Raises:
+        The exception its set-up or exec raised (after reaping it), or
+        ContainerError if it died without a word.
+    """
+    execing = False
+    while True:
+        try:
+            reply, fds = await handshake.receive()
+        except EOFError:
+            if execing:
+                return
+            returncode = await container.wait()
+            raise ContainerError(
+                f"the container process exited during its set-up with status {returncode} "
+                "before reporting an error (killed from outside?)"
+            ) from None
+        for fd in fds:
+            os.close(fd)
+        if isinstance(reply, Ready):
+            return
+        if isinstance(reply, Execing):
+            execing = True
+        elif isinstance(reply, SetupFailed):
+            await container.wait()
+            raise rebuild_exception(reply.error)
+        else:
+            raise ContainerError(f"unexpected message from the container: {reply!r}")
 
 
 async def _drain(status: AsyncFrameChannel, *, kill: bool = False) -> None:

@@ -41,7 +41,10 @@ __all__ = [
     "MS_REMOUNT",
     "MS_STRICTATIME",
     "clone",
+    "inotify_add_watch",
+    "inotify_init1",
     "mount",
+    "openat2",
     "pidfd_open",
     "pidfd_send_signal",
     "pivot_root",
@@ -97,12 +100,36 @@ PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 
+# <linux/openat2.h>
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+# <sys/inotify.h>
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
 # <asm/unistd_64.h> and <asm-generic/unistd.h>: the calls glibc has no wrapper
 # for (pivot_root) or whose wrapper we must not use (clone: glibc's wrapper
 # wants a function and a separate stack; we want fork semantics).
 _SYSCALL_NUMBERS = {
-    "x86_64": {"clone": 56, "pivot_root": 155},
-    "aarch64": {"clone": 220, "pivot_root": 41},
+    "x86_64": {"clone": 56, "pivot_root": 155, "openat2": 437},
+    "aarch64": {"clone": 220, "pivot_root": 41, "openat2": 437},
 }
 
 # use_errno: read errno right after the call, before Python can clobber it.
@@ -130,6 +157,8 @@ _libc.prctl.argtypes = [
     ctypes.c_ulong,
     ctypes.c_ulong,
 ]
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.syscall.restype = ctypes.c_long
 _libc_gil.syscall.restype = ctypes.c_long
 
@@ -241,6 +270,59 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
         OSError: as prctl(2) sets errno (EINVAL for an unknown option).
     """
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), "prctl")
+
+
+class _OpenHow(ctypes.Structure):
+    # struct open_how, <linux/openat2.h>
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """Open `path` relative to `dir_fd` under the RESOLVE_* rules; see openat2(2).
+
+    With RESOLVE_IN_ROOT, `dir_fd` acts as the root for the lookup: ".."
+    and absolute symlinks stay inside it, as they would for a process whose
+    root it is (Linux 5.6).
+
+    Raises:
+        OSError: as openat2(2) sets errno (ENOENT, EXDEV when a rule is
+            broken, ENOSYS before Linux 5.6).
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    return _check(
+        _libc.syscall(
+            ctypes.c_long(_syscall_number("openat2")),
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(os.fsencode(path)),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        ),
+        "openat2",
+        path,
+    )
+
+
+def inotify_init1(flags: int = IN_NONBLOCK | IN_CLOEXEC) -> int:
+    """Return a new inotify instance's fd; see inotify_init1(2).
+
+    Raises:
+        OSError: EMFILE past /proc/sys/fs/inotify/max_user_instances.
+    """
+    return _check(_libc.inotify_init1(flags), "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """Watch `path` for the events in `mask`; return the watch descriptor.
+
+    Raises:
+        OSError: ENOENT when the path does not exist, ENOSPC past
+            /proc/sys/fs/inotify/max_user_watches.
+    """
+    return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch", path)
 
 
 def set_process_name(name: str) -> None:

@@ -10,8 +10,9 @@ Three channels, all AF_UNIX sockets (see docs/design.md):
 - the *status* socket (stream), server to caller: `Forked` (with a pidfd)
   or `SpawnFailed`, and at the end `Exited`.
 - the *handshake* socket (stream), caller and container: the caller sends
-  `ContainerSetup` (with the container's stdio fds); the container answers
-  `Ready`, `Execing` or `SetupFailed`. It is close-on-exec in the container,
+  `ContainerSetup` (with the container's stdio fds) or `ExcursionSetup`;
+  the process answers `Ready`, `Execing` or `SetupFailed`, and an
+  excursion for a value then `Returned` or `Raised`. It is close-on-exec in the container,
   so end-of-file after `Execing` means the exec succeeded (the same trick
   as subprocess's error pipe).
 
@@ -42,7 +43,9 @@ __all__ = [
     "Forked",
     "FrameBuffer",
     "IdMap",
+    "Raised",
     "Ready",
+    "Returned",
     "SetupFailed",
     "SpawnFailed",
     "SpawnRequest",
@@ -132,6 +135,27 @@ class ContainerSetup:
     """Caller to container: everything it needs (fds: stdin, stdout, stderr)."""
 
     config: object  # a ContainerConfig; typed loosely to keep this module at the bottom
+
+
+@attrs.frozen
+class ExcursionSetup:
+    """Caller to excursion process: what to run (fds: stdin, stdout, stderr, target pidfd)."""
+
+    config: object  # an ExcursionConfig
+
+
+@attrs.frozen
+class Returned:
+    """Excursion to caller: the callable returned this (cloudpickle bytes)."""
+
+    pickled: bytes
+
+
+@attrs.frozen
+class Raised:
+    """Excursion to caller: the callable raised this."""
+
+    error: ExceptionInfo
 
 
 @attrs.frozen

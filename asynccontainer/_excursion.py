@@ -1,0 +1,196 @@
+"""Excursions: run a command or a callable inside a running container's namespaces.
+
+Guix's container-excursion and container-excursion*. The excursion process
+is cloned by the fork server like a container (the caller is never forked);
+it joins the target's namespaces with one setns(pidfd, flags), chdirs to
+"/", and forks once more so the pid namespace applies (setns(2): a new pid
+namespace only takes effect for children). The target runs in that second
+child, whose status or value comes back to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections.abc import Callable, Mapping
+
+from . import _kernel
+from ._client import AsyncFrameChannel, rebuild_exception
+from ._config import ExcursionConfig
+from ._container import (
+    Container,
+    Stdio,
+    Target,
+    _check_command,
+    _check_env,
+    _pickle_callable,
+    _StdioFds,
+    await_ready,
+    start_process,
+)
+from ._errors import ContainerError
+from ._protocol import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest
+
+__all__ = ["container_excursion", "container_excursion_value"]
+
+# An excursion is a plain fork of the server: no new namespace, no id maps.
+_EXCURSION_REQUEST = SpawnRequest(clone_flags=0, id_map=None)
+
+
+def _target_pidfd(pid_or_container: int | Container) -> tuple[int, bool]:
+    """Return a pidfd for the process to enter, and whether it was opened here (to close)."""
+    if isinstance(pid_or_container, Container):
+        pidfd = pid_or_container._pidfd
+        if pid_or_container.returncode is not None or pidfd is None:
+            raise ProcessLookupError(
+                3, f"{pid_or_container!r} has exited; there is nothing to enter"
+            )
+        return pidfd, False
+    if isinstance(pid_or_container, bool) or not isinstance(pid_or_container, int):
+        raise TypeError(f"expected a PID or a Container, not {pid_or_container!r}")
+    if pid_or_container <= 0:
+        raise ValueError(f"{pid_or_container} is not a PID")
+    try:
+        return _kernel.pidfd_open(pid_or_container), True
+    except ProcessLookupError:
+        raise ProcessLookupError(
+            3, f"no process with PID {pid_or_container} (it may have exited)"
+        ) from None
+
+
+def _config(target: Target, env: Mapping[str, str] | None, want_value: bool) -> ExcursionConfig:
+    if callable(target):
+        return ExcursionConfig(
+            env=_check_env(env),
+            command=None,
+            pickled_callable=_pickle_callable("target", target),
+            want_value=want_value,
+            sys_path=tuple(sys.path),
+        )
+    return ExcursionConfig(
+        env=_check_env(env),
+        command=_check_command(target),
+        pickled_callable=None,
+        want_value=False,
+        sys_path=(),
+    )
+
+
+async def _start(
+    pid_or_container: int | Container,
+    config: ExcursionConfig,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> tuple[Container, AsyncFrameChannel]:
+    pidfd, opened = _target_pidfd(pid_or_container)
+    stdio = _StdioFds()
+    try:
+        stdio.add("stdin", 0, stdin)
+        stdio.add("stdout", 1, stdout)
+        stdio.add("stderr", 2, stderr)
+        return await start_process(_EXCURSION_REQUEST, ExcursionSetup(config), [*stdio.fds, pidfd])
+    finally:
+        stdio.close()
+        if opened:
+            os.close(pidfd)
+
+
+async def container_excursion(
+    pid_or_container: int | Container,
+    target: Target,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: Stdio = None,
+    stdout: Stdio = None,
+    stderr: Stdio = None,
+) -> int:
+    """Run `target` in the namespaces of a running process and return its returncode.
+
+    The namespaces are joined user first and mnt last, and those the caller
+    already shares are not joined (so an excursion into one's own process
+    calls no setns at all). The target runs with an empty environment
+    (unless `env` gives one) and "/" as its working directory, as PID 2 or
+    more of the target's pid namespace.
+
+    Args:
+        pid_or_container: a `Container`, or the host PID of any process the
+            caller may enter.
+        target: a command (sequence of str) or a callable taking no arguments.
+        env: the environment; None for an empty one (Guix purifies it).
+        stdin: None to share the caller's, an fd, a file object or
+            subprocess.DEVNULL.
+        stdout: as stdin.
+        stderr: as stdin.
+
+    Returns:
+        The exit code, or -N if signal N ended the target.
+
+    Raises:
+        ProcessLookupError: the process does not exist or has exited.
+        PermissionError: the caller may not enter its namespaces.
+        FileNotFoundError: the command does not exist there.
+        TypeError, ValueError: bad arguments, before anything is spawned.
+
+    Cancellation: the excursion is killed and reaped before the cancellation
+    propagates.
+    """
+    config = _config(target, env, want_value=False)
+    process, handshake = await _start(pid_or_container, config, stdin, stdout, stderr)
+    async with process:
+        try:
+            await await_ready(process, handshake)
+        finally:
+            handshake.close()
+        return await process.wait()
+
+
+async def container_excursion_value(
+    pid_or_container: int | Container,
+    fn: Callable[[], object],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: Stdio = None,
+    stdout: Stdio = None,
+    stderr: Stdio = None,
+) -> object:
+    """Run `fn()` in the namespaces of a running process and return its value.
+
+    The value travels back pickled (cloudpickle). If `fn` raises, the same
+    exception (its class, its errno for an OSError) is raised here, with
+    the traceback from inside attached as a note. Everything else is as
+    for `container_excursion`.
+
+    Raises:
+        The exception `fn` raised; TypeError if `fn` or its value cannot be
+        pickled; ProcessLookupError, PermissionError as container_excursion.
+
+    Cancellation: the excursion is killed and reaped before the cancellation
+    propagates.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments, not {fn!r}")
+    config = _config(fn, env, want_value=True)
+    process, handshake = await _start(pid_or_container, config, stdin, stdout, stderr)
+    async with process:
+        try:
+            while True:
+                try:
+                    reply, fds = await handshake.receive()
+                except EOFError:
+                    returncode = await process.wait()
+                    raise ContainerError(
+                        f"the excursion process ended with status {returncode} without "
+                        "sending a value (killed from outside?)"
+                    ) from None
+                for fd in fds:
+                    os.close(fd)
+                if isinstance(reply, Returned):
+                    await process.wait()
+                    return pickle.loads(reply.pickled)
+                if isinstance(reply, Raised | SetupFailed):
+                    await process.wait()
+                    raise rebuild_exception(reply.error)
+        finally:
+            handshake.close()

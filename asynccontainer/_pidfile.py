@@ -1,0 +1,337 @@
+"""read_pid_file: wait for a daemon's PID file, on the host or inside a container.
+
+Shepherd polls a PID file once a second. Here the file's directory is
+watched with inotify, so a write is seen within milliseconds; a bounded,
+growing poll interval is the safety net (and the only means while the
+directory does not exist yet).
+
+Inside a container, the path is resolved from the container's root
+(/proc/PID/root, with openat2's RESOLVE_IN_ROOT so that ".." and absolute
+symlinks stay inside it), which needs no process to be forked. The PID read
+there belongs to the container's pid namespace; it is translated to the
+host PID through the NSpid lines of /proc/*/status.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import struct
+from typing import TYPE_CHECKING
+
+import anyio
+
+from . import _kernel
+
+if TYPE_CHECKING:
+    from ._container import Container
+
+__all__ = ["read_pid_file"]
+
+# The poll interval starts small and doubles up to this. With inotify
+# working it is only a safety net (a network file system without events,
+# say); without the directory it is how its creation is noticed.
+_POLL_FIRST = 0.001
+_POLL_LAST = 0.05
+
+_WATCH_MASK = (
+    _kernel.IN_CREATE
+    | _kernel.IN_MODIFY
+    | _kernel.IN_CLOSE_WRITE
+    | _kernel.IN_MOVED_TO
+    | _kernel.IN_DELETE
+    | _kernel.IN_MOVED_FROM
+    | _kernel.IN_DELETE_SELF
+    | _kernel.IN_MOVE_SELF
+    | _kernel.IN_ONLYDIR
+)
+_EVENT = struct.Struct("iIII")
+
+
+class _NotYet(Exception):
+    """The file does not hold a usable PID yet; the message says why."""
+
+
+class _Watch:
+    """An inotify watch on the PID file's directory, re-made when the directory changes."""
+
+    def __init__(self, directory_opener: _Opener, directory: str, name: str) -> None:
+        self._open_directory = directory_opener
+        self._directory = directory
+        self._name = name.encode()
+        self._fd = _kernel.inotify_init1()
+        self._watching = False
+        # True once the writer closed the file after its last change: its
+        # content is then complete even without a final newline.
+        self.closed_after_write = False
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def ensure(self) -> bool:
+        """Watch the directory if it exists now; return whether it is watched."""
+        if self._watching:
+            return True
+        try:
+            dir_fd = self._open_directory(self._directory, os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            # The magic link lets the watch follow a directory opened with
+            # openat2 inside a container, which no host path names.
+            _kernel.inotify_add_watch(self._fd, f"/proc/self/fd/{dir_fd}", _WATCH_MASK)
+        except OSError:
+            return False
+        finally:
+            os.close(dir_fd)
+        self._watching = True
+        return True
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for an event about the file (or the directory), at most `timeout` seconds."""
+        with anyio.move_on_after(timeout):
+            await anyio.wait_readable(self._fd)
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        offset = 0
+        while offset < len(data):
+            _, mask, _, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            if mask & (_kernel.IN_IGNORED | _kernel.IN_DELETE_SELF | _kernel.IN_MOVE_SELF):
+                # The directory itself went away: watch again when it is back.
+                self._watching = False
+            if name == self._name:
+                if mask & (_kernel.IN_CLOSE_WRITE | _kernel.IN_MOVED_TO):
+                    self.closed_after_write = True
+                elif mask & (_kernel.IN_MODIFY | _kernel.IN_CREATE):
+                    self.closed_after_write = False
+            if mask & _kernel.IN_Q_OVERFLOW:
+                self.closed_after_write = False
+
+
+class _Opener:
+    """Opens paths on the host, or inside a container's root."""
+
+    def __init__(self, root_fd: int | None) -> None:
+        self.root_fd = root_fd
+
+    def __call__(self, path: str, flags: int) -> int:
+        if self.root_fd is None:
+            return os.open(path, flags | os.O_CLOEXEC)
+        return _kernel.openat2(
+            self.root_fd,
+            path,
+            flags,
+            _kernel.RESOLVE_IN_ROOT | _kernel.RESOLVE_NO_MAGICLINKS,
+        )
+
+
+def _no_writer(fd: int) -> bool:
+    """Return True if no process has the file open for writing.
+
+    A read lease is refused with EAGAIN while the file is open for writing
+    (fcntl(2), "Leases"); it also needs the caller to own the file (or
+    CAP_LEASE) and a file system that supports leases. When it cannot be
+    asked, the answer is False and the inotify close event decides.
+    """
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def _parse(content: bytes, complete: bool) -> int:
+    """Return the PID the content names, or raise _NotYet (or ValueError for garbage)."""
+    text = content.decode("ascii", errors="replace")
+    stripped = text.strip()
+    if not stripped:
+        raise _NotYet("it is empty")
+    if not stripped.isdigit():
+        if text.endswith("\n"):
+            # A finished line that is not a number will not become one.
+            raise ValueError(f"it holds {stripped[:40]!r}, which is not a PID")
+        raise _NotYet(f"it holds {stripped[:40]!r}, not a PID (yet)")
+    # A number without its newline may be half-written ("12" of "1234\n")
+    # unless the writer has closed the file since.
+    if not (text.endswith("\n") or complete):
+        raise _NotYet(f"it holds {stripped!r} without a final newline, still open for writing")
+    pid = int(stripped)
+    if pid <= 0:
+        raise ValueError(f"it holds {pid}, which is not a PID")
+    return pid
+
+
+def _status_fields(pid: int | str) -> tuple[str, list[int]]:
+    """Return (state, NSpid) of a process, or raise OSError if it is gone."""
+    state = ""
+    nspid: list[int] = []
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("State:"):
+                state = line.split()[1]
+            elif line.startswith("NSpid:"):
+                nspid = [int(field) for field in line.split()[1:]]
+                break
+    return state, nspid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state, _ = _status_fields(pid)
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _host_pid(container_pid: int, pid_in_container: int) -> int:
+    """Translate a PID of the container's pid namespace to the host's; raise _NotYet if none."""
+    _, container_nspid = _status_fields(container_pid)
+    level = len(container_nspid) - 1
+    if level == 0:
+        # The container shares the caller's pid namespace.
+        if _alive(pid_in_container):
+            return pid_in_container
+        raise _NotYet(f"it names PID {pid_in_container}, which is not alive")
+    namespace = os.stat(f"/proc/{container_pid}/ns/pid")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, nspid = _status_fields(entry.name)
+            if len(nspid) != len(container_nspid) or nspid[level] != pid_in_container:
+                continue
+            theirs = os.stat(f"/proc/{entry.name}/ns/pid")
+        except OSError:
+            continue  # it exited meanwhile
+        if (theirs.st_dev, theirs.st_ino) == (namespace.st_dev, namespace.st_ino):
+            if state in ("Z", "X"):
+                break
+            return int(entry.name)
+    raise _NotYet(f"it names PID {pid_in_container} of the container, which is not alive")
+
+
+async def read_pid_file(
+    path: str | os.PathLike[str],
+    *,
+    timeout: float = 5.0,
+    container: Container | int | None = None,
+) -> int:
+    """Wait until `path` names a live process and return its (host) PID.
+
+    An empty or half-written file (digits without their final newline,
+    while the writer still has it open) is read again, not an error. A
+    change of the file is noticed within milliseconds (inotify on its
+    directory). A PID that names no live process is not accepted either:
+    the file may be stale.
+
+    Args:
+        path: the PID file. With `container`, an absolute path inside it.
+        timeout: seconds to wait, more than zero.
+        container: a `Container` or the host PID of any process: `path` is
+            looked up in its mount namespace (from its root), and the PID
+            found, which is in its pid namespace, is translated to the host.
+
+    Returns:
+        The host PID.
+
+    Raises:
+        TimeoutError: after `timeout` seconds, naming the path and what it
+            held last.
+        ValueError: a finished line that is not a PID; a bad `timeout`; a
+            relative path with `container`.
+        ProcessLookupError: the container has exited.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {timeout!r}")
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be more than zero seconds, not {timeout!r}")
+    file = os.fspath(path)
+    if not isinstance(file, str):
+        raise TypeError(f"path must be a str path, not {path!r}")
+
+    container_pid: int | None = None
+    if container is not None:
+        from ._container import Container
+
+        if isinstance(container, Container):
+            if container.returncode is not None:
+                raise ProcessLookupError(3, f"{container!r} has exited")
+            container_pid = container.pid
+        elif isinstance(container, int) and not isinstance(container, bool):
+            container_pid = container
+        else:
+            raise TypeError(f"container must be a Container or a PID, not {container!r}")
+        if not file.startswith("/"):
+            raise ValueError(f"the PID file {file!r} must be an absolute path in the container")
+        try:
+            root_fd: int | None = os.open(
+                f"/proc/{container_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        except FileNotFoundError:
+            raise ProcessLookupError(
+                3, f"no process with PID {container_pid} (it may have exited)"
+            ) from None
+    else:
+        file = os.path.abspath(file)
+        root_fd = None
+
+    opener = _Opener(root_fd)
+    directory, name = os.path.split(file)
+    watch = _Watch(opener, directory or "/", name)
+    deadline = anyio.current_time() + timeout
+    interval = _POLL_FIRST
+    why = "it does not exist"
+    try:
+        while True:
+            watching = watch.ensure()
+            try:
+                fd = opener(file, os.O_RDONLY)
+            except FileNotFoundError:
+                why = "it does not exist"
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                    raise
+                why = f"it cannot be opened ({exc.strerror})"
+            else:
+                try:
+                    content = os.read(fd, 4096)
+                    complete = watch.closed_after_write or _no_writer(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    pid = _parse(content, complete)
+                    if container_pid is None:
+                        if not _alive(pid):
+                            raise _NotYet(f"it names PID {pid}, which is not alive")
+                        return pid
+                    return _host_pid(container_pid, pid)
+                except _NotYet as not_yet:
+                    why = str(not_yet)
+                except ValueError as exc:
+                    where = f" in {container!r}" if container is not None else ""
+                    raise ValueError(f"the PID file {file}{where} is not valid: {exc}") from None
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                where = f" in {container!r}" if container is not None else ""
+                raise TimeoutError(
+                    f"the PID file {file}{where} named no live process within {timeout} s: {why}"
+                )
+            if watching:
+                # Events wake us at once; the cap only guards against a file
+                # system that sends none.
+                await watch.wait(min(remaining, _POLL_LAST * 4))
+            else:
+                await anyio.sleep(min(remaining, interval))
+                interval = min(interval * 2, _POLL_LAST)
+    finally:
+        watch.close()
+        if root_fd is not None:
+            os.close(root_fd)
