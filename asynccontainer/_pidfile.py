@@ -201,20 +201,20 @@ def _host_pid(container_pid: int, pid_in_container: int) -> int:
             return pid_in_container
         raise _NotYet(f"it names PID {pid_in_container}, which is not alive")
     namespace = os.stat(f"/proc/{container_pid}/ns/pid")
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
         try:
-            state, nspid = _status_fields(entry.name)
+            state, nspid = _status_fields(name)
             if len(nspid) != len(container_nspid) or nspid[level] != pid_in_container:
                 continue
-            theirs = os.stat(f"/proc/{entry.name}/ns/pid")
+            theirs = os.stat(f"/proc/{name}/ns/pid")
         except OSError:
             continue  # it exited meanwhile
         if (theirs.st_dev, theirs.st_ino) == (namespace.st_dev, namespace.st_ino):
             if state in ("Z", "X"):
                 break
-            return int(entry.name)
+            return int(name)
     raise _NotYet(f"it names PID {pid_in_container} of the container, which is not alive")
 
 

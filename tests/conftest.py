@@ -12,17 +12,18 @@ import pytest
 from asynccontainer import _client
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
     # Every coroutine test runs under asyncio and trio (anyio's plugin),
-    # unless it is marked for pytest-trio on purpose.
-    for item in items:
-        function = getattr(item, "function", None)
-        if (
-            inspect.iscoroutinefunction(function)
-            and item.get_closest_marker("trio") is None
-            and item.get_closest_marker("anyio") is None
-        ):
-            item.add_marker(pytest.mark.anyio)
+    # unless it is marked for pytest-trio on purpose. The mark must be on
+    # the function before anyio's own collection hook parametrizes it.
+    if (
+        collector.funcnamefilter(name)  # type: ignore[attr-defined]
+        and inspect.iscoroutinefunction(obj)
+    ):
+        marks = {mark.name for mark in getattr(obj, "pytestmark", [])}
+        if not marks & {"trio", "anyio"}:
+            pytest.mark.anyio(obj)
 
 
 @pytest.fixture(params=["asyncio", "trio"], scope="session")

@@ -49,6 +49,12 @@ async def test_cases_pass_as_an_unprivileged_user(tmp_path: Path) -> None:
     with log.open("wb") as output:
         returncode = await ac.call_with_container(
             [
+                # A process of root's in the same pid namespace: the cases
+                # check that nobody may not enter it.
+                "sh",
+                "-c",
+                'sleep 600 & export ASYNCCONTAINER_TEST_FOREIGN_PID=$!; exec "$@"',
+                "sh",
                 setpriv,
                 f"--reuid={NOBODY}",
                 f"--regid={NOBODY}",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -126,3 +128,41 @@ async def test_cancellation_kills_and_reaps() -> None:
     with anyio.move_on_after(0.3) as scope:
         await ac.call_with_container(["sleep", "60"], mounts=SYSTEM)
     assert scope.cancelled_caught
+
+
+async def test_excursion_into_own_container() -> None:
+    async with await ac.run_container(["sleep", "300"], mounts=SYSTEM, hostname="mine") as box:
+        assert await ac.container_excursion(box, ["sh", "-c", "test $(hostname) = mine"]) == 0
+        uid = await ac.container_excursion_value(box, os.getuid)
+        assert uid == 0
+
+
+async def test_excursion_into_another_users_process() -> None:
+    if ROOT:
+        # Root may enter a process of any user.
+        setpriv = shutil.which("setpriv")
+        assert setpriv
+        other = subprocess.Popen(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "300"]
+        )
+        try:
+            await anyio.sleep(0.1)  # let setpriv exec sleep as nobody
+            assert await ac.container_excursion(other.pid, ["true"]) == 0
+        finally:
+            other.kill()
+            other.wait()
+    else:
+        foreign = os.environ.get("ASYNCCONTAINER_TEST_FOREIGN_PID")
+        assert foreign, "run by tests/test_unprivileged.py, which starts a process of root's"
+        with pytest.raises(PermissionError):
+            await ac.container_excursion(int(foreign), ["true"])
+
+
+async def test_pid_file_of_a_daemon_in_the_container() -> None:
+    script = "mkdir -p /run; sh -c 'echo $$ > /run/d.pid; exec sleep 300' & wait"
+    async with await ac.run_container(
+        ["sh", "-c", script], mounts=SYSTEM, writable_root=True
+    ) as box:
+        pid = await ac.read_pid_file("/run/d.pid", container=box, timeout=5)
+        assert pid != box.pid
+        assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{box.pid}/ns/pid")
