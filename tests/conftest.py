@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -24,6 +25,25 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
         marks = {mark.name for mark in getattr(obj, "pytestmark", [])}
         if not marks & {"trio", "anyio"}:
             pytest.mark.anyio(obj)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A temp directory of the session's own, so that the leak check below
+    # sees what this suite leaves, not what other programs put in /tmp.
+    directory = tempfile.mkdtemp(prefix="asynccontainer-tests-")
+    config.stash[_TEMP_KEY] = directory
+    os.environ["TMPDIR"] = directory
+    tempfile.tempdir = directory
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_TEMP_KEY, None)
+    if directory is not None:
+        tempfile.tempdir = None
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_TEMP_KEY = pytest.StashKey[str]()
 
 
 @pytest.fixture(params=["asyncio", "trio"], scope="session")

@@ -1,0 +1,1 @@
+"""Benchmarks of asynccontainer, each reporting against a baseline run side by side."""
