@@ -1,4 +1,4 @@
-"""How long after a PID file is written does read_pid_file return?
+"""How long after a PID file is written does read_pid_file return? A benchmark.
 
 Run: python -m bench.pidfile [--runs N]
 
