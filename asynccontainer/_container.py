@@ -602,6 +602,18 @@ async def start_process(
     return Container(message.pid, pidfd, status), handshake
 
 
+async def next_reply(handshake: AsyncFrameChannel) -> object | None:
+    """Return the next message on a handshake channel, or None at its end-of-file."""
+    try:
+        reply, fds = await handshake.receive()
+    except EOFError:
+        return None
+    for fd in fds:
+        # No reply carries fds: whatever came is not ours to keep.
+        os.close(fd)
+    return reply
+
+
 async def await_ready(container: Container, handshake: AsyncFrameChannel) -> None:
     """Wait until the process reports that its target runs.
 
@@ -611,18 +623,15 @@ async def await_ready(container: Container, handshake: AsyncFrameChannel) -> Non
     """
     execing = False
     while True:
-        try:
-            reply, fds = await handshake.receive()
-        except EOFError:
+        reply = await next_reply(handshake)
+        if reply is None:
             if execing:
                 return
             returncode = await container.wait()
             raise ContainerError(
                 f"the container process exited during its set-up with status {returncode} "
                 "before reporting an error (killed from outside?)"
-            ) from None
-        for fd in fds:
-            os.close(fd)
+            )
         if isinstance(reply, Ready):
             return
         if isinstance(reply, Execing):

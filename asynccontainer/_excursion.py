@@ -27,6 +27,7 @@ from ._container import (
     _pickle_callable,
     _StdioFds,
     await_ready,
+    next_reply,
     start_process,
 )
 from ._errors import ContainerError
@@ -176,16 +177,13 @@ async def container_excursion_value(
     async with process:
         try:
             while True:
-                try:
-                    reply, fds = await handshake.receive()
-                except EOFError:
+                reply = await next_reply(handshake)
+                if reply is None:
                     returncode = await process.wait()
                     raise ContainerError(
                         f"the excursion process ended with status {returncode} without "
                         "sending a value (killed from outside?)"
-                    ) from None
-                for fd in fds:
-                    os.close(fd)
+                    )
                 if isinstance(reply, Returned):
                     await process.wait()
                     return pickle.loads(reply.pickled)

@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from capture import output_of, sh
 
 import asynccontainer as ac
 
@@ -37,28 +38,6 @@ DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-async def output_of(target: Any, **keywords: Any) -> tuple[int, str]:
-    """Run a target in a container and return (returncode, its stdout)."""
-    read_end, write_end = os.pipe()
-    try:
-        container = await ac.run_container(target, stdout=write_end, **keywords)
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    async with container:
-        with os.fdopen(read_end, "rb") as reader:
-            data = await anyio.to_thread.run_sync(reader.read)
-        returncode = await container.wait()
-    return returncode, data.decode()
-
-
-async def sh(script: str, **keywords: Any) -> tuple[int, str]:
-    keywords.setdefault("mounts", SYSTEM)
-    return await output_of(["sh", "-c", script], **keywords)
 
 
 async def inside(function: Callable[[], Any], **keywords: Any) -> Any:

@@ -11,33 +11,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from capture import output_of, sh
 
 import asynccontainer as ac
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
-
-
-async def output_of(command: list[str], **keywords: object) -> tuple[int, str]:
-    """Run a command in a container and return (returncode, its stdout)."""
-    read_end, write_end = os.pipe()
-    try:
-        container = await ac.run_container(
-            command, mounts=keywords.pop("mounts", SYSTEM), stdout=write_end, **keywords
-        )
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    async with container:
-        with os.fdopen(read_end, "rb") as reader:
-            data = await anyio.to_thread.run_sync(reader.read)
-        returncode = await container.wait()
-    return returncode, data.decode()
-
-
-async def sh(script: str, **keywords: object) -> tuple[int, str]:
-    return await output_of(["sh", "-c", script], **keywords)
 
 
 # -- exit codes and targets ---------------------------------------------------
@@ -179,11 +157,14 @@ async def test_fifty_containers_at_once() -> None:
 
 async def test_environment_is_purified_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASYNCCONTAINER_SECRET", "do-not-leak")
-    assert await output_of(["env"]) == (0, "")
+    assert await output_of(["env"], mounts=SYSTEM) == (0, "")
 
 
 async def test_environment_is_exactly_the_mapping() -> None:
-    assert await output_of(["env"], env={"A": "1", "B": "two"}) == (0, "A=1\nB=two\n")
+    assert await output_of(["env"], mounts=SYSTEM, env={"A": "1", "B": "two"}) == (
+        0,
+        "A=1\nB=two\n",
+    )
 
 
 async def test_cwd() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from capture import sh
 
 import asynccontainer as ac
 
@@ -22,24 +23,7 @@ ROOT = os.geteuid() == 0
 
 
 async def run_sh(script: str, **keywords: object) -> tuple[int, str]:
-    read_end, write_end = os.pipe()
-    try:
-        container = await ac.run_container(
-            ["sh", "-c", script],
-            mounts=keywords.pop("mounts", SYSTEM),
-            stdout=write_end,
-            stderr=write_end,
-            **keywords,
-        )
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    async with container:
-        with os.fdopen(read_end, "rb") as reader:
-            data = await anyio.to_thread.run_sync(reader.read)
-        return await container.wait(), data.decode()
+    return await sh(script, with_stderr=True, **keywords)
 
 
 async def test_root_inside_and_the_callers_ids_mapped() -> None:

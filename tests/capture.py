@@ -1,0 +1,38 @@
+"""Run a target in a container and capture what it prints (shared by the test modules)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anyio
+
+import asynccontainer as ac
+
+
+async def output_of(target: Any, *, with_stderr: bool = False, **keywords: Any) -> tuple[int, str]:
+    """Run `target` with `run_container(**keywords)`; return (returncode, its stdout).
+
+    With `with_stderr`, stderr goes to the same pipe.
+    """
+    read_end, write_end = os.pipe()
+    if with_stderr:
+        keywords["stderr"] = write_end
+    try:
+        container = await ac.run_container(target, stdout=write_end, **keywords)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    async with container:
+        with os.fdopen(read_end, "rb") as reader:
+            data = await anyio.to_thread.run_sync(reader.read)
+        returncode = await container.wait()
+    return returncode, data.decode()
+
+
+async def sh(script: str, **keywords: Any) -> tuple[int, str]:
+    """Run a shell script with the host's programs mapped; return (returncode, stdout)."""
+    keywords.setdefault("mounts", ac.HOST_SYSTEM_MAPPINGS)
+    return await output_of(["sh", "-c", script], **keywords)
