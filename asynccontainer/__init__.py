@@ -39,6 +39,14 @@ from ._namespaces import (
     user_namespace_supported,
 )
 from ._pidfile import read_pid_file
+from ._services import (
+    Service,
+    ServiceGroup,
+    ServiceSpec,
+    UnknownAccountError,
+    default_mounts,
+    default_namespaces,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -54,12 +62,18 @@ __all__ = [
     "FileSystem",
     "FileSystemMapping",
     "MountItem",
+    "Service",
+    "ServiceGroup",
+    "ServiceSpec",
     "Symlink",
     "Target",
+    "UnknownAccountError",
     "call_with_container",
     "container_excursion",
     "container_excursion_value",
     "containers_supported",
+    "default_mounts",
+    "default_namespaces",
     "read_pid_file",
     "run_container",
     "setgroups_supported",

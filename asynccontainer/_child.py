@@ -31,6 +31,7 @@ from ._protocol import (
     recv_frame,
     send_frame,
 )
+from ._service_child import apply_service_process_state, prepare_service_root, run_init
 
 __all__ = ["container_main", "join_namespaces"]
 
@@ -106,6 +107,13 @@ def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
 def _container(handshake: socket.socket, config: ContainerConfig, stdio: list[int]) -> NoReturn:
     try:
         target = _set_up(config, stdio)
+        if config.service is not None:
+            # With a pid namespace, PID 1 stays as the init and the service
+            # runs in its child.
+            if config.service.init and os.fork() != 0:
+                handshake.close()
+                run_init()
+            apply_service_process_state(config.service)
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)
@@ -170,6 +178,18 @@ def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
     """Do every set-up step of the container; return the unpickled callable (or None)."""
     target = _unpickle(config.pickled_callable, config.sys_path)
     populate = _unpickle(config.pickled_populate, config.sys_path)
+    service = config.service
+    if service is not None:
+        # Shepherd's steps that need a writable root come before the user's
+        # populate hook, while the root is still writable.
+        user_populate = populate
+
+        def populate() -> None:
+            assert service is not None
+            prepare_service_root(service)
+            if callable(user_populate):
+                user_populate()
+
     _install_stdio(stdio)
 
     if config.hostname is not None:
@@ -191,6 +211,8 @@ def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
             lock_mounts(proc_fd)
     finally:
         os.close(proc_fd)
+    if service is not None and "mnt" not in config.namespaces:
+        prepare_service_root(service)
     os.chdir(config.cwd)
     return target
 

@@ -13,7 +13,26 @@ import attrs
 
 from ._filesystems import MountItem
 
-__all__ = ["ContainerConfig", "ExcursionConfig"]
+__all__ = ["ContainerConfig", "ExcursionConfig", "ServiceConfig"]
+
+
+@attrs.frozen
+class ServiceConfig:
+    """Shepherd's exec-command steps, run in the container right before exec.
+
+    Names (user, group, resource) were resolved to numbers in the caller.
+    """
+
+    pid_file: str | None
+    uid: int | None
+    gid: int | None
+    groups: tuple[int, ...] | None
+    umask: int | None
+    # (RLIMIT_* number, soft, hard)
+    rlimits: tuple[tuple[int, int, int], ...]
+    directory: str
+    # Run a small init as PID 1 that outlives a daemon's forking parent.
+    init: bool
 
 
 @attrs.frozen
@@ -36,6 +55,8 @@ class ContainerConfig:
     # The caller's sys.path, so the child can import what the callable
     # refers to by reference (a function of a test module, say).
     sys_path: tuple[str, ...]
+    # Set for the containers of services (ServiceGroup.start).
+    service: ServiceConfig | None = None
 
 
 @attrs.frozen
