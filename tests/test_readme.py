@@ -27,3 +27,13 @@ async def test_excursion_and_pid_file_example() -> None:
     )
     daemon = await namespace["example"]()  # type: ignore[operator]
     assert isinstance(daemon, int) and daemon > 0
+
+
+async def test_service_group_example(tmp_path: object) -> None:
+    namespace: dict[str, object] = {"ac": ac, "anyio": anyio}
+    body = textwrap.indent(BLOCKS[2].replace("/tmp/web.log", f"{tmp_path}/web.log"), "    ")
+    source = f"async def example():\n{body}\n    return web"
+    exec(compile(source, "README.md", "exec"), namespace)
+    web = await namespace["example"]()  # type: ignore[operator]
+    assert web.returncode is not None  # stopped when the block was left
+    assert "Serving HTTP" in (tmp_path / "web.log").read_text()  # type: ignore[operator]
