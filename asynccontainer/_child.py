@@ -8,12 +8,19 @@ not even its finalizers.
 
 from __future__ import annotations
 
+# Everything the container process uses is imported here, when the server
+# starts: after pivot_root the host's standard library is out of reach.
+import fcntl
 import os
+import pickle
 import signal
 import socket
 import sys
+import termios
 import traceback
 from typing import NoReturn
+
+import cloudpickle
 
 from . import _kernel
 from ._config import ContainerConfig, ExcursionConfig
@@ -107,17 +114,36 @@ def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
 def _container(handshake: socket.socket, config: ContainerConfig, stdio: list[int]) -> NoReturn:
     try:
         target = _set_up(config, stdio)
-        if config.service is not None:
-            # With a pid namespace, PID 1 stays as the init and the service
-            # runs in its child.
-            if config.service.init and os.fork() != 0:
+        service = config.service
+        if (service is not None and service.init) or (
+            not config.child_is_pid1 and "pid" in config.namespaces
+        ):
+            # PID 1 stays as the init; the target runs in its child.
+            child = os.fork()
+            if child != 0:
                 handshake.close()
-                run_init()
-            apply_service_process_state(config.service)
+                run_init(None if service is not None else child)
+        if service is not None:
+            apply_service_process_state(service)
+        elif config.new_session:
+            _start_session()
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)
     _run_target(handshake, config.command, target, dict(config.env))
+
+
+def _start_session() -> None:
+    """Become a session leader; take a terminal on stdin as the controlling terminal.
+
+    In a session of its own the target cannot reach the caller's terminal
+    (no TIOCSTI into it, no signals from its keyboard), and a terminal it
+    is given (a pty) works fully: job control, Ctrl-C, window size.
+    """
+    os.setsid()
+    if os.isatty(0):
+        # tty_ioctl(4): TIOCSCTTY on a terminal that is no session's yet.
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _run_target(
@@ -159,8 +185,6 @@ def _unpickle(pickled: bytes | None, sys_path: tuple[str, ...]) -> object:
     # to modules (a test file, the caller's package) by name.
     if pickled is None:
         return None
-    import pickle
-
     if sys_path:
         sys.path[:] = sys_path
     return pickle.loads(pickled)
@@ -323,8 +347,6 @@ def _excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[int]
 
 def _return_value(handshake: socket.socket, target: object, env: dict[str, str]) -> NoReturn:
     """Run the callable and send back its value or its exception (container-excursion*)."""
-    import cloudpickle
-
     os.environ.clear()
     os.environ.update(env)
     try:

@@ -55,6 +55,11 @@ class ContainerConfig:
     # The caller's sys.path, so the child can import what the callable
     # refers to by reference (a function of a test module, say).
     sys_path: tuple[str, ...]
+    # False: a small init is PID 1 and the target runs as PID 2.
+    child_is_pid1: bool = True
+    # The target calls setsid(), and takes a terminal on stdin as its
+    # controlling terminal.
+    new_session: bool = False
     # Set for the containers of services (ServiceGroup.start).
     service: ServiceConfig | None = None
 

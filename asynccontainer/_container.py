@@ -340,6 +340,8 @@ def _build(
     hostname: str | None,
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str],
+    child_is_pid1: bool = True,
+    new_session: bool = False,
 ) -> tuple[ContainerConfig, SpawnRequest]:
     """Check every argument of run_container and return what is sent.
 
@@ -353,9 +355,16 @@ def _build(
         ("writable_root", writable_root),
         ("loopback_network", loopback_network),
         ("lock_mounts", lock_mounts),
+        ("child_is_pid1", child_is_pid1),
+        ("new_session", new_session),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name} must be True or False, not {flag!r}")
+    if not child_is_pid1 and "pid" not in names:
+        raise ValueError(
+            "child_is_pid1=False puts an init in front of the target as PID 1 of a new pid "
+            "namespace; add 'pid' to namespaces"
+        )
 
     if callable(target):
         command = None
@@ -439,6 +448,8 @@ def _build(
         pickled_callable=pickled_callable,
         pickled_populate=_pickle_callable("populate hook", populate) if populate else None,
         sys_path=tuple(sys.path) if pickled_callable or populate else (),
+        child_is_pid1=child_is_pid1,
+        new_session=new_session,
     )
     return config, SpawnRequest(namespace_clone_flags(names), id_map)
 
@@ -462,6 +473,8 @@ async def run_container(
     stdin: Stdio = None,
     stdout: Stdio = None,
     stderr: Stdio = None,
+    child_is_pid1: bool = True,
+    new_session: bool = False,
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -501,6 +514,14 @@ async def run_container(
             subprocess.DEVNULL.
         stdout: as stdin.
         stderr: as stdin.
+        child_is_pid1: with "pid", True (Guix's default) runs the target as
+            PID 1, which only receives the signals it handles; False puts a
+            small init there that relays SIGINT, SIGTERM, SIGHUP, SIGUSR1,
+            SIGUSR2 and SIGQUIT to the target (PID 2), reaps orphans, and
+            exits with the target's status (128+N for a signal).
+        new_session: the target calls setsid(), as subprocess's
+            start_new_session, and takes a terminal on its stdin (a pty the
+            caller made for it) as its controlling terminal.
 
     Returns:
         The running `Container`.
@@ -532,6 +553,8 @@ async def run_container(
         hostname=hostname,
         env=env,
         cwd=cwd,
+        child_is_pid1=child_is_pid1,
+        new_session=new_session,
     )
     stdio = _StdioFds()
     try:

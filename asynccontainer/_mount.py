@@ -15,6 +15,7 @@ mounted from /proc/self/fd/N. No host directory is created or left behind.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -272,8 +273,6 @@ def bring_loopback_up() -> None:
     Raises:
         OSError: EPERM without CAP_NET_ADMIN in the namespace.
     """
-    import fcntl
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = _IFREQ.pack(b"lo", 0)
         flags = _IFREQ.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]

@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Sequence
 
 import attrs
+import cloudpickle
 
 __all__ = [
     "MAX_FDS",
@@ -94,8 +95,6 @@ class ExceptionInfo:
             # a pickled callable (in __main__, say) goes back by value too,
             # and cloudpickle's class tracker turns it back into the very
             # class object the caller has, so `except ThatError` works.
-            import cloudpickle
-
             pickled = cloudpickle.dumps(exc)
             pickle.loads(pickled)
         except Exception:

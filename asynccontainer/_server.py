@@ -21,6 +21,7 @@ through PR_SET_PDEATHSIG, and its containers die with it the same way.
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import selectors
 import signal
@@ -93,8 +94,6 @@ class _Server:
                 os.close(fd)
             self.running = False
             return
-        import pickle
-
         try:
             request = pickle.loads(data)
             if not isinstance(request, SpawnRequest) or len(fds) != 2:

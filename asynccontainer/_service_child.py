@@ -73,21 +73,29 @@ def apply_service_process_state(service: ServiceConfig) -> None:
         os.umask(service.umask)
 
 
-def run_init() -> NoReturn:
-    """Be PID 1 of the service's pid namespace until no other process is left.
+def run_init(target: int | None) -> NoReturn:
+    """Be PID 1 of a pid namespace: reap every orphan and relay signals.
 
-    A daemon forks and its parent exits; if that parent were PID 1, the
-    kernel would kill the whole namespace with it (pid_namespaces(7)). This
-    init stays instead, reaps every orphan the namespace hands it, and
-    relays the stop signals to every process of the namespace (kill(-1)
-    from PID 1 reaches all of them but itself, kill(2)). It exits when it
-    has no child left, with the status of the last one to exit (128+N for
-    a signal: PID 1 cannot re-raise a signal on itself).
+    A process that is PID 1 receives only the signals it has a handler for
+    (pid_namespaces(7)), so a plain command there ignores SIGTERM and a
+    terminal's Ctrl-C; and when PID 1 exits, the kernel kills the rest of
+    the namespace. This init takes the place, as Guix's child-is-pid1? #f
+    and tini do, in one of two ways:
+
+    - `target` given (a container's target): the relayed signals go to the
+      target, and the init exits when the target does, with its status;
+    - `target` None (a service): a daemon forks and its parent exits, so the
+      init stays while any process is left, relays the signals to all of
+      them (kill(-1) from PID 1 reaches every process but itself, kill(2)),
+      and exits with the status of the last one.
+
+    Either way a signal's death is reported as 128+N: PID 1 cannot die of a
+    signal it sends itself.
     """
 
     def relay(signum: int, frame: object) -> None:
         try:
-            os.kill(-1, signum)
+            os.kill(-1 if target is None else target, signum)
         except ProcessLookupError:
             pass
 
@@ -96,9 +104,13 @@ def run_init() -> NoReturn:
     last_status = 0
     while True:
         try:
-            _, last_status = os.waitpid(-1, 0)
+            pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             break
+        if target is None or pid == target:
+            last_status = status
+            if pid == target:
+                break
     if os.WIFSIGNALED(last_status):
         os._exit(128 + os.WTERMSIG(last_status))
     os._exit(os.waitstatus_to_exitcode(last_status))

@@ -1,0 +1,432 @@
+"""The `asynccontainer` command: run, exec, services, check.
+
+In the spirit of `guix shell --container` and `unshare`. Every error a user
+can cause is one line on stderr and exit status 2 (usage) or 1 (a failure
+of what was asked); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import anyio
+
+from ._container import run_container
+from ._errors import ContainerError
+from ._excursion import container_excursion
+from ._filesystems import (
+    CONTAINER_FILE_SYSTEMS,
+    HOST_SYSTEM_MAPPINGS,
+    NETWORK_FILE_MAPPINGS,
+    WRITABLE_TMP,
+    FileSystemMapping,
+    MountItem,
+)
+from ._namespaces import NAMESPACES
+from ._terminal import PseudoTerminal
+
+__all__ = ["main"]
+
+PROGRAM = "asynccontainer"
+# timeout(1)'s status for a command it had to stop.
+EXIT_TIMEOUT = 124
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+# env(1)'s statuses for a command that cannot be found or executed.
+EXIT_NOT_FOUND = 127
+EXIT_NOT_EXECUTABLE = 126
+
+# What a human expects to find in a shell: the library itself starts from an
+# empty environment, as Guix does.
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class _Usage(Exception):
+    """A bad argument: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Usage(message)
+
+
+def _mapping(writable: bool) -> Callable[[str], FileSystemMapping]:
+    """Parse SRC[=DST] as guix shell's --expose and --share do."""
+
+    def parse(text: str) -> FileSystemMapping:
+        source, _, target = text.partition("=")
+        source = os.path.abspath(os.path.expanduser(source))
+        if not os.path.exists(source):
+            raise argparse.ArgumentTypeError(f"{source}: no such file or directory")
+        try:
+            return FileSystemMapping(source, target or None, writable=writable)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above zero")
+    return value
+
+
+def _id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: ids are zero or more")
+    return value
+
+
+def _pid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a PID") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a PID")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the `asynccontainer` command."""
+    parser = _Parser(
+        prog=PROGRAM,
+        description="Run Linux containers and containerised services (asynccontainer).",
+    )
+    # An option of each command, so that it may follow the command's name.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the event loop to run on (default: asyncio)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run a command in a new container",
+        description="Run COMMAND in a new container: every namespace new, a fresh tmpfs "
+        "root with the host's programs mapped read-only. Exits with its status.",
+    )
+    run.add_argument(
+        "--share-net",
+        action="store_true",
+        help="keep the host's network (and map its resolver files)",
+    )
+    run.add_argument(
+        "--expose",
+        metavar="SRC[=DST]",
+        type=_mapping(False),
+        action="append",
+        default=[],
+        help="map a host path read-only (at DST, default SRC)",
+    )
+    run.add_argument(
+        "--share",
+        metavar="SRC[=DST]",
+        type=_mapping(True),
+        action="append",
+        default=[],
+        help="map a host path writable",
+    )
+    run.add_argument("--root", metavar="DIR", help="use this directory as the root")
+    run.add_argument("--writable-root", action="store_true", help="leave the root writable")
+    run.add_argument("--hostname", metavar="H", help="the host name inside")
+    run.add_argument("--uid", type=_id, default=0, help="the uid inside (default 0)")
+    run.add_argument("--gid", type=_id, default=0, help="the gid inside (default 0)")
+    run.add_argument(
+        "--env",
+        metavar="K=V",
+        type=_env_pair,
+        action="append",
+        default=[],
+        help="set a variable (PATH, TERM and HOME are set unless given)",
+    )
+    run.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        help=f"stop the container after this long (exit status {EXIT_TIMEOUT})",
+    )
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS...")
+
+    exec_ = commands.add_parser(
+        "exec",
+        parents=[common],
+        help="run a command in the namespaces of a running process",
+        description="Run COMMAND inside the namespaces of process PID (an excursion).",
+    )
+    exec_.add_argument("pid", type=_pid, metavar="PID")
+    exec_.add_argument("--env", metavar="K=V", type=_env_pair, action="append", default=[])
+    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS...")
+
+    services = commands.add_parser(
+        "services",
+        parents=[common],
+        help="run the services a TOML file describes",
+        description="Start every service FILE describes, show their status while they run, "
+        "and stop them all on Ctrl-C or SIGTERM.",
+    )
+    services.add_argument("file", metavar="FILE.toml")
+    services.add_argument(
+        "--check", action="store_true", help="only check the file; report every error"
+    )
+
+    commands.add_parser(
+        "check",
+        parents=[common],
+        help="say what this kernel supports",
+        description="Check each namespace, unprivileged user namespaces, setgroups, the "
+        "cgroup version and pidfd, and say what to change for what is missing.",
+    )
+    return parser
+
+
+def _command_argv(argv: list[str]) -> list[str]:
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise _Usage("no command given: write it after '--', as in: -- sh -c 'echo hi'")
+    return argv
+
+
+def _environment(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    env = {
+        "PATH": _DEFAULT_PATH,
+        "TERM": os.environ.get("TERM", "dumb"),
+        "HOME": "/",
+    }
+    env.update(pairs)
+    return env
+
+
+async def _until_signalled(scope: anyio.CancelScope, received: list[int], ignore_int: bool) -> None:
+    signals = (signal.SIGTERM,) if ignore_int else (signal.SIGINT, signal.SIGTERM)
+    with anyio.open_signal_receiver(*signals) as receiver:
+        async for signum in receiver:
+            received.append(signum)
+            scope.cancel()
+            return
+
+
+def _status(returncode: int) -> int:
+    """Turn a returncode into an exit status: 128+N for signal N, as shells do."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+async def _run(arguments: argparse.Namespace) -> int:
+    argv = _command_argv(arguments.argv)
+    namespaces = [ns for ns in NAMESPACES if not (arguments.share_net and ns == "net")]
+    mounts: list[MountItem] = []
+    if arguments.root is None:
+        mounts += [*HOST_SYSTEM_MAPPINGS, WRITABLE_TMP, *CONTAINER_FILE_SYSTEMS]
+        if arguments.share_net:
+            mounts += [m for m in NETWORK_FILE_MAPPINGS if os.path.exists(m.source)]
+    mounts += arguments.expose + arguments.share
+    # A terminal delivers Ctrl-C to every process of its foreground group,
+    # the container's included: the container decides (an interactive shell
+    # lives on). Without a terminal, SIGINT is for this command to stop it.
+    terminal = PseudoTerminal() if os.isatty(0) else None
+    keywords: dict[str, Any] = {
+        "mounts": mounts,
+        "namespaces": namespaces,
+        "root": arguments.root,
+        "writable_root": arguments.writable_root,
+        "hostname": arguments.hostname,
+        "guest_uid": arguments.uid,
+        "guest_gid": arguments.gid,
+        "env": _environment(arguments.env),
+        # An init relays signals to the command, which then behaves as it
+        # would outside a pid namespace.
+        "child_is_pid1": False,
+    }
+    if terminal is not None:
+        keywords.update(
+            stdin=terminal.slave, stdout=terminal.slave, stderr=terminal.slave, new_session=True
+        )
+    received: list[int] = []
+    returncode: int | None = None
+    failure: Exception | None = None
+    try:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                # With a pty in raw mode the keyboard's Ctrl-C goes to the
+                # container; SIGINT from elsewhere stops it, as SIGTERM does.
+                group.start_soon(_until_signalled, scope, received, False)
+                try:
+                    with anyio.fail_after(arguments.timeout) if arguments.timeout else _null():
+                        returncode = await _run_container(argv, keywords, terminal)
+                except Exception as exc:
+                    # Raised again below, outside the task group, which would
+                    # wrap it in an exception group.
+                    failure = exc
+                finally:
+                    group.cancel_scope.cancel()
+    finally:
+        if terminal is not None:
+            terminal.close()
+    if isinstance(failure, TimeoutError):
+        print(
+            f"{PROGRAM}: the command ran longer than {arguments.timeout} s; it was stopped",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    if failure is not None:
+        raise failure
+    if received:
+        return 128 + received[0]
+    assert returncode is not None
+    return _status(returncode)
+
+
+async def _run_container(
+    argv: list[str], keywords: dict[str, Any], terminal: PseudoTerminal | None
+) -> int:
+    container = await run_container(argv, **keywords)
+    async with container:
+        if terminal is None:
+            return await container.wait()
+        terminal.close_slave()
+        with terminal.raw_mode():
+            async with anyio.create_task_group() as group:
+                group.start_soon(terminal.relay)
+                returncode = await container.wait()
+                # The relay ends when the last process closes the pty; an
+                # orphan holding it open must not keep the command alive.
+                with anyio.move_on_after(1):
+                    await terminal.drained.wait()
+                group.cancel_scope.cancel()
+        return returncode
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def _exec(arguments: argparse.Namespace) -> int:
+    argv = _command_argv(arguments.argv)
+    returncode = await container_excursion(arguments.pid, argv, env=_environment(arguments.env))
+    return _status(returncode)
+
+
+async def _services(arguments: argparse.Namespace) -> int:
+    from ._services_file import load_services, run_services
+
+    specs, errors = load_services(arguments.file)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return EXIT_FAILURE
+    if arguments.check:
+        print(f"{arguments.file}: {len(specs)} service(s), no errors")
+        return 0
+    return await run_services(specs)
+
+
+def _check() -> int:
+    from ._support import report
+
+    return report(sys.stdout)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `asynccontainer` command with `argv` (sys.argv[1:] by default).
+
+    Returns:
+        The exit status: the command's (128+N for a signal), 124 after
+        --timeout, 127 or 126 when the command cannot be found or executed,
+        2 for bad arguments, 1 for any other failure.
+    """
+    arguments: argparse.Namespace | None = None
+    try:
+        arguments = build_parser().parse_args(argv)
+        if arguments.command == "check":
+            return _check()
+        handler: Callable[[argparse.Namespace], Any] = {
+            "run": _run,
+            "exec": _exec,
+            "services": _services,
+        }[arguments.command]
+        if arguments.command in ("run", "exec"):
+            _command_argv(arguments.argv)  # a usage error before any loop starts
+        status: int = anyio.run(handler, arguments, backend=arguments.backend)
+        return status
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        return _report_failure(exc, arguments)
+
+
+def _report_failure(exc: Exception, arguments: argparse.Namespace | None) -> int:
+    """Print one line for `exc` and return the exit status it calls for."""
+    if isinstance(exc, _Usage):
+        print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    command = getattr(arguments, "argv", None)
+    if (
+        isinstance(exc, FileNotFoundError | PermissionError)
+        and command
+        and exc.filename == _command_argv(command)[0]
+    ):
+        # As env(1) and shells report a command they cannot run.
+        missing = isinstance(exc, FileNotFoundError)
+        print(
+            f"{PROGRAM}: {exc.filename}: {'command not found' if missing else exc.strerror}",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_FOUND if missing else EXIT_NOT_EXECUTABLE
+    if isinstance(exc, OSError | ContainerError):
+        print(f"{PROGRAM}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if isinstance(exc, TypeError | ValueError | LookupError):
+        print(f"{PROGRAM}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if os.environ.get("ASYNCCONTAINER_TRACEBACK"):
+        raise exc
+    print(
+        f"{PROGRAM}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+        "(set ASYNCCONTAINER_TRACEBACK=1 to see where, and please report it)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
+def entry_point() -> NoReturn:
+    """Exit with the status of main() (the console script)."""
+    sys.exit(main())
