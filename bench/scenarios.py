@@ -81,7 +81,7 @@ def unshare_argv(command: list[str]) -> list[str]:
 
 
 def asynccontainer_kwargs() -> dict[str, object]:
-    """The run_container keywords for the benchmark's isolation."""
+    """Return the run_container keywords for the benchmark's isolation."""
     return {"namespaces": NAMESPACES, "mounts": ac.HOST_SYSTEM_MAPPINGS}
 
 
@@ -170,7 +170,10 @@ async def throughput(levels: tuple[int, ...], per_level: int) -> Result:
                 limiter = anyio.CapacityLimiter(level)
                 started = time.perf_counter()
 
-                async def one(function: Callable[[], Awaitable[None]] = function) -> None:
+                async def one(
+                    function: Callable[[], Awaitable[None]] = function,
+                    limiter: anyio.CapacityLimiter = limiter,
+                ) -> None:
                     async with limiter:
                         await function()
 
@@ -320,7 +323,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     memory_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
-    bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip()
+    bwrap = subprocess.run(
+        ["bwrap", "--version"], check=False, capture_output=True, text=True
+    ).stdout.strip()
     return (
         f"{platform.node()}: Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
         f"{memory_kb // 1024 // 1024} GiB, Python {sys.version.split()[0]}, {bwrap}"
