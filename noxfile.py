@@ -1,10 +1,10 @@
-"""Developer tasks: `nox -s tests lint typecheck` is what CI runs."""
+"""Developer tasks: `nox -s tests lint typecheck docs` is what CI runs."""
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
@@ -30,3 +30,19 @@ def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy --strict."""
     session.install("-e", ".", "mypy>=1.10", "trio>=0.26")
     session.run("mypy", "--strict", "asynccontainer")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the HTML documentation with Sphinx; every warning is an error."""
+    session.install("-e", ".[docs]")
+    session.run(
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+    )

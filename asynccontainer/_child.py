@@ -130,7 +130,7 @@ def _container(handshake: socket.socket, config: ContainerConfig, stdio: list[in
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)
-    _run_target(handshake, config.command, target, dict(config.env))
+    _run_target(handshake, config.command, target, dict(config.env), config.send_root)
 
 
 def _start_session() -> None:
@@ -151,10 +151,12 @@ def _run_target(
     command: tuple[str, ...] | None,
     target: object,
     env: dict[str, str],
+    send_root: bool = False,
 ) -> NoReturn:
     """Exec the command or run the callable, reporting on the handshake first."""
+    root = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)] if send_root else []
     if command is not None:
-        _report(handshake, Execing())
+        _report(handshake, Execing(), root)
         try:
             # The handshake socket is close-on-exec: its end-of-file tells
             # the caller that this exec succeeded.
@@ -167,14 +169,16 @@ def _run_target(
             os._exit(EXIT_EXEC_FAILED)
     os.environ.clear()
     os.environ.update(env)
-    _report(handshake, Ready())
+    _report(handshake, Ready(), root)
     handshake.close()
+    for fd in root:
+        os.close(fd)
     _run_callable(target)
 
 
-def _report(handshake: socket.socket, message: object) -> None:
+def _report(handshake: socket.socket, message: object, fds: list[int] | None = None) -> None:
     try:
-        send_frame(handshake, message)
+        send_frame(handshake, message, fds or ())
     except OSError:
         # The caller is gone; whatever happens next, nobody is listening.
         pass

@@ -60,6 +60,9 @@ class ContainerConfig:
     # The target calls setsid(), and takes a terminal on stdin as its
     # controlling terminal.
     new_session: bool = False
+    # Send the caller an O_PATH fd of the container's root with the ready
+    # reply: files inside stay reachable after the first process exits.
+    send_root: bool = False
     # Set for the containers of services (ServiceGroup.start).
     service: ServiceConfig | None = None
 

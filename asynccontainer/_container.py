@@ -77,6 +77,12 @@ class Container:
         self._status: AsyncFrameChannel | None = status
         self._returncode: int | None = None
         self._wait_lock = anyio.Lock()
+        self._root_fd: int | None = None
+
+    def _set_root(self, fd: int) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+        self._root_fd = fd
 
     @property
     def pid(self) -> int:
@@ -119,6 +125,9 @@ class Container:
         self._close()
 
     def _close(self) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -625,15 +634,20 @@ async def start_process(
     return Container(message.pid, pidfd, status), handshake
 
 
-async def next_reply(handshake: AsyncFrameChannel) -> object | None:
-    """Return the next message on a handshake channel, or None at its end-of-file."""
+async def next_reply(handshake: AsyncFrameChannel, keep: list[int] | None = None) -> object | None:
+    """Return the next message on a handshake channel, or None at its end-of-file.
+
+    fds that came with it are appended to `keep`, or closed.
+    """
     try:
         reply, fds = await handshake.receive()
     except EOFError:
         return None
-    for fd in fds:
-        # No reply carries fds: whatever came is not ours to keep.
-        os.close(fd)
+    if keep is not None:
+        keep.extend(fds)
+    else:
+        for fd in fds:
+            os.close(fd)
     return reply
 
 
@@ -646,7 +660,13 @@ async def await_ready(container: Container, handshake: AsyncFrameChannel) -> Non
     """
     execing = False
     while True:
-        reply = await next_reply(handshake)
+        root: list[int] = []
+        reply = await next_reply(handshake, root)
+        if root:
+            # The container's root, sent with its ready reply (send_root).
+            container._set_root(root.pop())
+            for fd in root:
+                os.close(fd)
         if reply is None:
             if execing:
                 return
@@ -698,8 +718,7 @@ async def call_with_container(
     call-with-container, with a fresh tmpfs root instead of a temporary
     directory of the host.
 
-    Raises:
-        Everything `run_container` raises.
+    It raises what `run_container` raises.
 
     Cancellation: if cancelled (for example by `anyio.fail_after`), the
     container is killed and reaped before the cancellation propagates.

@@ -164,8 +164,10 @@ async def container_excursion_value(
     for `container_excursion`.
 
     Raises:
-        The exception `fn` raised; TypeError if `fn` or its value cannot be
-        pickled; ProcessLookupError, PermissionError as container_excursion.
+        Exception: the exception `fn` raised, of the same class.
+        TypeError: if `fn` or its value cannot be pickled.
+        ProcessLookupError: as for `container_excursion`.
+        PermissionError: as for `container_excursion`.
 
     Cancellation: the excursion is killed and reaped before the cancellation
     propagates.

@@ -27,7 +27,7 @@ from . import _kernel
 if TYPE_CHECKING:
     from ._container import Container
 
-__all__ = ["read_pid_file"]
+__all__ = ["PidTranslator", "read_pid_file", "wait_for_pid_file"]
 
 # The poll interval starts small and doubles up to this. With inotify
 # working it is only a safety net (a network file system without events,
@@ -191,31 +191,51 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _host_pid(container_pid: int, pid_in_container: int) -> int:
-    """Translate a PID of the container's pid namespace to the host's; raise _NotYet if none."""
-    _, container_nspid = _status_fields(container_pid)
-    level = len(container_nspid) - 1
-    if level == 0:
-        # The container shares the caller's pid namespace.
-        if _alive(pid_in_container):
-            return pid_in_container
-        raise _NotYet(f"it names PID {pid_in_container}, which is not alive")
-    namespace = os.stat(f"/proc/{container_pid}/ns/pid")
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+class PidTranslator:
+    """Translates PIDs of a container's pid namespace to the host's.
+
+    What it needs of the container (the depth of its pid namespace, and
+    the namespace's identity) is read once, when it is made, so that it
+    keeps working after the container's first process exits.
+    """
+
+    def __init__(self, container_pid: int | None) -> None:
+        self.level = 0
+        self.namespace: tuple[int, int] | None = None
+        if container_pid is None:
+            return
         try:
-            state, nspid = _status_fields(name)
-            if len(nspid) != len(container_nspid) or nspid[level] != pid_in_container:
+            _, nspid = _status_fields(container_pid)
+            ns = os.stat(f"/proc/{container_pid}/ns/pid")
+        except FileNotFoundError:
+            raise ProcessLookupError(
+                3, f"no process with PID {container_pid} (it may have exited)"
+            ) from None
+        self.level = len(nspid) - 1
+        self.namespace = (ns.st_dev, ns.st_ino)
+
+    def __call__(self, pid_in_container: int) -> int:
+        """Return the host PID of a live process; raise _NotYet if there is none."""
+        if self.level == 0:
+            # The container shares the caller's pid namespace.
+            if _alive(pid_in_container):
+                return pid_in_container
+            raise _NotYet(f"it names PID {pid_in_container}, which is not alive")
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
                 continue
-            theirs = os.stat(f"/proc/{name}/ns/pid")
-        except OSError:
-            continue  # it exited meanwhile
-        if (theirs.st_dev, theirs.st_ino) == (namespace.st_dev, namespace.st_ino):
-            if state in ("Z", "X"):
-                break
-            return int(name)
-    raise _NotYet(f"it names PID {pid_in_container} of the container, which is not alive")
+            try:
+                state, nspid = _status_fields(name)
+                if len(nspid) != self.level + 1 or nspid[self.level] != pid_in_container:
+                    continue
+                theirs = os.stat(f"/proc/{name}/ns/pid")
+            except OSError:
+                continue  # it exited meanwhile
+            if (theirs.st_dev, theirs.st_ino) == self.namespace:
+                if state in ("Z", "X"):
+                    break
+                return int(name)
+        raise _NotYet(f"it names PID {pid_in_container} of the container, which is not alive")
 
 
 async def read_pid_file(
@@ -257,35 +277,58 @@ async def read_pid_file(
     if not isinstance(file, str):
         raise TypeError(f"path must be a str path, not {path!r}")
 
-    container_pid: int | None = None
-    if container is not None:
-        from ._container import Container
+    if container is None:
+        return await wait_for_pid_file(
+            os.path.abspath(file), timeout=timeout, root_fd=None, translate=PidTranslator(None)
+        )
+    from ._container import Container
 
-        if isinstance(container, Container):
-            if container.returncode is not None:
-                raise ProcessLookupError(3, f"{container!r} has exited")
-            container_pid = container.pid
-        elif isinstance(container, int) and not isinstance(container, bool):
-            container_pid = container
-        else:
-            raise TypeError(f"container must be a Container or a PID, not {container!r}")
-        if not file.startswith("/"):
-            raise ValueError(f"the PID file {file!r} must be an absolute path in the container")
-        try:
-            root_fd: int | None = os.open(
-                f"/proc/{container_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            )
-        except FileNotFoundError:
-            raise ProcessLookupError(
-                3, f"no process with PID {container_pid} (it may have exited)"
-            ) from None
+    if isinstance(container, Container):
+        if container.returncode is not None:
+            raise ProcessLookupError(3, f"{container!r} has exited")
+        container_pid = container.pid
+    elif isinstance(container, int) and not isinstance(container, bool):
+        container_pid = container
     else:
-        file = os.path.abspath(file)
-        root_fd = None
+        raise TypeError(f"container must be a Container or a PID, not {container!r}")
+    if not file.startswith("/"):
+        raise ValueError(f"the PID file {file!r} must be an absolute path in the container")
+    translate = PidTranslator(container_pid)
+    try:
+        root_fd = os.open(f"/proc/{container_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(
+            3, f"no process with PID {container_pid} (it may have exited)"
+        ) from None
+    return await wait_for_pid_file(
+        file, timeout=timeout, root_fd=root_fd, translate=translate, where=f" in {container!r}"
+    )
 
+
+async def wait_for_pid_file(
+    file: str,
+    *,
+    timeout: float,
+    root_fd: int | None,
+    translate: PidTranslator,
+    where: str = "",
+) -> int:
+    """Wait for `file` (opened from `root_fd`, which this closes) to name a live process.
+
+    The engine of read_pid_file, also used by services, which keep their
+    container's root open themselves.
+
+    Raises:
+        TimeoutError, ValueError: as read_pid_file.
+    """
     opener = _Opener(root_fd)
     directory, name = os.path.split(file)
-    watch = _Watch(opener, directory or "/", name)
+    try:
+        watch = _Watch(opener, directory or "/", name)
+    except BaseException:
+        if root_fd is not None:
+            os.close(root_fd)
+        raise
     deadline = anyio.current_time() + timeout
     interval = _POLL_FIRST
     why = "it does not exist"
@@ -307,20 +350,13 @@ async def read_pid_file(
                 finally:
                     os.close(fd)
                 try:
-                    pid = _parse(content, complete)
-                    if container_pid is None:
-                        if not _alive(pid):
-                            raise _NotYet(f"it names PID {pid}, which is not alive")
-                        return pid
-                    return _host_pid(container_pid, pid)
+                    return translate(_parse(content, complete))
                 except _NotYet as not_yet:
                     why = str(not_yet)
                 except ValueError as exc:
-                    where = f" in {container!r}" if container is not None else ""
                     raise ValueError(f"the PID file {file}{where} is not valid: {exc}") from None
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
-                where = f" in {container!r}" if container is not None else ""
                 raise TimeoutError(
                     f"the PID file {file}{where} named no live process within {timeout} s: {why}"
                 )

@@ -45,7 +45,7 @@ from ._filesystems import (
     Symlink,
 )
 from ._namespaces import NAMESPACES, normalize_namespaces
-from ._pidfile import read_pid_file
+from ._pidfile import PidTranslator, wait_for_pid_file
 
 __all__ = [
     "Service",
@@ -473,6 +473,7 @@ class Service:
         self._container: Container | None = None
         self._pid: int | None = None
         self._pidfd: int | None = None
+        self._root_fd: int | None = None
         self._returncode: int | None = None
         # Set by the watcher of the current process when all of it is gone.
         self._ended = anyio.Event()
@@ -495,7 +496,7 @@ class Service:
 
     @property
     def pid(self) -> int | None:
-        """The host PID of the service: its PID file's process, else its command's."""
+        """The host PID of the service (its PID file's process, else its command's)."""
         return self._pid
 
     @property
@@ -548,10 +549,16 @@ class Service:
 
     # -- internals --------------------------------------------------------------
 
+    def _set_root(self, fd: int | None) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+        self._root_fd = fd
+
     def _finish(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        self._set_root(None)
         self._finished.set()
 
     async def _launch(self) -> None:
@@ -584,7 +591,13 @@ class Service:
             env=env,
             cwd="/",
         )
-        container_config = attrs.evolve(container_config, service=config)
+        container_config = attrs.evolve(
+            container_config,
+            service=config,
+            # A daemon's PID file is read in its mount namespace, through
+            # the container's root, which the first process may not outlive.
+            send_root=spec.pid_file is not None and "mnt" in spec.namespaces,
+        )
 
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
@@ -607,6 +620,10 @@ class Service:
             os.close(write_fd)
         self._group._run(logger.run, f"log of {spec.name}", logger.done)
         self._container = container
+        # The service keeps the root: the container closes its own copy when
+        # its first process exits, which a forking daemon's parent does.
+        self._set_root(container._root_fd)
+        container._root_fd = None
         self._pid = None
         self._returncode = None
         self._ended = anyio.Event()
@@ -620,6 +637,7 @@ class Service:
             self._settled.set()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
+            self._set_root(None)
             raise
         self._settled.set()
         self._started_at = time.monotonic()
@@ -629,25 +647,35 @@ class Service:
         spec = self.spec
         if spec.pid_file is None:
             return _main_process(container, init="pid" in spec.namespaces)
-        inside = container if {"mnt", "pid"} & spec.namespaces else None
-        if "pid" not in spec.namespaces:
-            return await read_pid_file(
-                spec.pid_file, timeout=spec.pid_file_timeout, container=inside
+        pid_file = spec.pid_file
+
+        async def read() -> int:
+            # With a pid namespace the init lives as long as the service,
+            # and its namespace is the one to translate from (ProcessLookupError
+            # if it has ended already); without one, PIDs are the host's.
+            translate = PidTranslator(container.pid if "pid" in spec.namespaces else None)
+            root = None if self._root_fd is None else os.dup(self._root_fd)
+            return await wait_for_pid_file(
+                pid_file,
+                timeout=spec.pid_file_timeout,
+                root_fd=root,
+                translate=translate,
+                where=f" of service {spec.name!r}",
             )
+
+        if "pid" not in spec.namespaces:
+            return await read()
 
         # With an init, the container ending means the service died before
         # writing its PID file: no use waiting for the timeout.
         outcome: list[int | BaseException] = []
         async with anyio.create_task_group() as race:
 
-            async def read() -> None:
-                assert spec.pid_file is not None
+            async def reader() -> None:
                 try:
-                    outcome.append(
-                        await read_pid_file(
-                            spec.pid_file, timeout=spec.pid_file_timeout, container=inside
-                        )
-                    )
+                    outcome.append(await read())
+                except ProcessLookupError:
+                    return  # the init has ended: died() says so, with the status
                 except Exception as exc:
                     outcome.append(exc)
                 race.cancel_scope.cancel()
@@ -662,7 +690,7 @@ class Service:
                 )
                 race.cancel_scope.cancel()
 
-            race.start_soon(read)
+            race.start_soon(reader)
             race.start_soon(died)
         first = outcome[0]
         if isinstance(first, BaseException):
@@ -789,14 +817,27 @@ class ServiceGroup:
     def __init__(self) -> None:
         self._services: list[Service] = []
         self._log_done: list[anyio.Event] = []
+        self._helper_scopes: list[anyio.CancelScope] = []
         self._entered = False
         self._closed = False
 
     def _run(self, function: Any, name: str, done: anyio.Event | None) -> None:
-        """Run a helper task (logger, watcher) in the group's task group."""
+        """Run a helper task (logger, watcher, supervisor) in the group's task group.
+
+        It is shielded: a cancellation of the block around the group must
+        not reach the watchers, since stopping the services waits for them.
+        The group cancels these tasks itself, last.
+        """
         if done is not None:
             self._log_done.append(done)
-        self._task_group.start_soon(function, name=name)
+        scope = anyio.CancelScope(shield=True)
+        self._helper_scopes.append(scope)
+
+        async def shielded() -> None:
+            with scope:
+                await function()
+
+        self._task_group.start_soon(shielded, name=name)
 
     @property
     def services(self) -> tuple[Service, ...]:
@@ -828,8 +869,15 @@ class ServiceGroup:
             with anyio.move_on_after(5):
                 for done in self._log_done:
                     await done.wait()
+            for scope in self._helper_scopes:
+                scope.cancel()
         self._task_group.cancel_scope.cancel()
-        return await self._task_group.__aexit__(exc_type, exc, tb)
+        # The helpers are done, and the task group has nothing of the
+        # block's to report: whatever ends the block (its exception, or a
+        # cancellation from outside) then propagates as it is, not wrapped
+        # in an exception group.
+        await self._task_group.__aexit__(None, None, None)
+        return None
 
     async def start(self, spec: ServiceSpec) -> Service:
         """Start a service and return it once it is ready.
@@ -844,6 +892,8 @@ class ServiceGroup:
             UnknownAccountError: an unknown user or group, before spawning.
             OSError: a set-up step failed (a missing `directory`, a log file
                 that cannot be created, a command that does not exist ...).
+            ContainerError: with `pid_file` and a pid namespace, the service
+                exited before its PID file named a live process.
             RuntimeError: the group is not entered, or already left.
 
         Cancellation: a service half-started is stopped first.
