@@ -322,6 +322,14 @@ def join_namespaces(pidfd: int) -> int:
 def _excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[int]) -> NoReturn:
     """Guix's container-excursion: join the target's namespaces, fork, run there."""
     try:
+        # In the target's user namespace its processes hold CAP_SYS_PTRACE:
+        # a dumpable excursion could be attached to and made to send the
+        # caller a forged pickle. A process that is not dumpable may only be
+        # traced with the capability in the namespace its memory belongs to,
+        # the host's (ptrace(2), "Ptrace access mode checking"). Its child
+        # inherits this; exec of a command resets it, after which the
+        # handshake is closed.
+        _kernel.prctl(_kernel.PR_SET_DUMPABLE, 0)
         if len(fds) != 4:
             raise ValueError(f"an excursion needs 4 fds, got {len(fds)}")
         target = _unpickle(config.pickled_callable, config.sys_path)

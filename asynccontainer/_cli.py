@@ -8,6 +8,7 @@ of what was asked); never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -400,7 +401,8 @@ def _report_failure(exc: Exception, arguments: argparse.Namespace | None) -> int
         return EXIT_USAGE
     command = getattr(arguments, "argv", None)
     if (
-        isinstance(exc, FileNotFoundError | PermissionError)
+        isinstance(exc, OSError)
+        and (isinstance(exc, FileNotFoundError | PermissionError) or exc.errno == errno.ENOEXEC)
         and command
         and exc.filename == _command_argv(command)[0]
     ):

@@ -212,3 +212,19 @@ async def test_cancellation_at_many_points(box: ac.Container) -> None:
     for delay in [0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032]:
         with anyio.move_on_after(delay):
             await ac.container_excursion_value(box, lambda: __import__("time").sleep(60))
+
+
+async def test_excursion_process_is_not_dumpable(box: ac.Container) -> None:
+    """The container's processes hold CAP_SYS_PTRACE in its user namespace.
+
+    An excursion that could be traced from inside could be made to send the
+    caller a forged pickle; not dumpable, it can only be traced with the
+    capability in the host's user namespace.
+    """
+
+    def dumpable() -> int:
+        from asynccontainer import _kernel
+
+        return _kernel.prctl(_kernel.PR_GET_DUMPABLE)
+
+    assert await ac.container_excursion_value(box, dumpable) == 0
