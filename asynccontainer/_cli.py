@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 import os
 import signal
@@ -71,6 +72,14 @@ def _mapping(writable: bool) -> Callable[[str], FileSystemMapping]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
+
+
+def _readable_file(text: str) -> str:
+    """Check a file argument as --expose checks its path: a bad one is a usage error."""
+    if not os.path.isfile(text):
+        what = "not a file" if os.path.exists(text) else "no such file or directory"
+        raise argparse.ArgumentTypeError(f"{text}: {what}")
+    return text
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -193,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start every service FILE describes, show their status while they run, "
         "and stop them all on Ctrl-C or SIGTERM.",
     )
-    services.add_argument("file", metavar="FILE.toml")
+    services.add_argument("file", metavar="FILE.toml", type=_readable_file)
     services.add_argument(
         "--check", action="store_true", help="only check the file; report every error"
     )
@@ -342,6 +351,11 @@ async def _exec(arguments: argparse.Namespace) -> int:
 async def _services(arguments: argparse.Namespace) -> int:
     from ._services_file import load_services, run_services
 
+    # Services without a log file send their lines to the logging module:
+    # show them on stderr, the status table having stdout.
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
     specs, errors = load_services(arguments.file)
     if errors:
         for error in errors:

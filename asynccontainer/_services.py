@@ -631,8 +631,14 @@ class Service:
         self._group._run(self._watch, f"watch of {spec.name}", None)
         try:
             pid = await self._ready(container)
-            self._pidfd = _kernel.pidfd_open(pid)
             self._pid = pid
+            try:
+                self._pidfd = _kernel.pidfd_open(pid)
+            except ProcessLookupError:
+                # Started, and already gone (a command that exits at once):
+                # the watcher sees the end, and the supervisor takes it from
+                # there, as for any death.
+                self._pidfd = None
         except BaseException:
             self._settled.set()
             with anyio.CancelScope(shield=True):
@@ -788,10 +794,18 @@ class Service:
 
 
 def _main_process(container: Container, *, init: bool) -> int:
-    """Return the service command's host PID: the container's first, or its init's child."""
+    """Return the service command's host PID: the container's first, or its init's child.
+
+    A command that has exited already leaves the init's own PID (or, if
+    the init is gone too, the container's, whose pidfd then cannot be
+    opened): either way the service has ended, as its watcher will see.
+    """
     if init:
-        with open(f"/proc/{container.pid}/task/{container.pid}/children") as children:
-            pids = children.read().split()
+        try:
+            with open(f"/proc/{container.pid}/task/{container.pid}/children") as children:
+                pids = children.read().split()
+        except FileNotFoundError:
+            pids = []
         if pids:
             return int(pids[0])
     return container.pid
