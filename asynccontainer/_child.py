@@ -99,7 +99,8 @@ def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
     except BaseException:
         os._exit(EXIT_PARENT_DIED)
 
-    handshake = socket.socket(fileno=handshake_fd)
+    # Family and type given, or socket() would ask the kernel for them.
+    handshake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, handshake_fd)
     try:
         message, fds = recv_frame(handshake, FrameBuffer())
     except BaseException:

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable, Iterable
 
@@ -65,10 +66,20 @@ def _remount_bind(path: str, add: int) -> None:
     )
 
 
-def _staging_directory() -> str:
+def _find_staging_directory() -> str | None:
     for candidate in _STAGING_CANDIDATES:
         if os.path.isdir(candidate) and not os.path.islink(candidate):
             return candidate
+    return None
+
+
+# Looked up once, when the fork server imports this, not in every container.
+_STAGING = _find_staging_directory()
+
+
+def _staging_directory() -> str:
+    if _STAGING is not None:
+        return _STAGING
     raise FileNotFoundError(
         errno.ENOENT,
         "no directory to mount the container's root on; create /tmp on the host",
@@ -99,7 +110,7 @@ def _bind_mount(source_fd: int, target: str, *, read_only: bool, extra: int = 0)
 
 def _mount_dev(root: str, stdin_tty: str | None) -> None:
     dev = f"{root}/dev"
-    os.makedirs(dev, exist_ok=True)
+    os.makedirs(dev, mode=0o755, exist_ok=True)
     _kernel.mount(
         "none",
         dev,
@@ -108,14 +119,16 @@ def _mount_dev(root: str, stdin_tty: str | None) -> None:
         "mode=755",
     )
     for node in _DEVICE_NODES:
-        host = f"/dev/{node}"
-        if os.path.exists(host):
-            _touch(f"{dev}/{node}", 0o666)
-            fd = _open_source(host)
-            try:
-                _bind_mount(fd, f"{dev}/{node}", read_only=False)
-            finally:
-                os.close(fd)
+        target = f"{dev}/{node}"
+        # A regular file as the mount point, made in one call: mknod(2)
+        # needs no privilege for S_IFREG.
+        os.mknod(target, 0o666 | stat.S_IFREG)
+        try:
+            # The host's /dev stays in reach during set-up (only /tmp is
+            # covered), and a device node has no submounts to carry along.
+            _kernel.mount(f"/dev/{node}", target, None, _kernel.MS_BIND)
+        except FileNotFoundError:
+            os.unlink(target)  # this host has no such device
     os.mkdir(f"{dev}/pts", 0o755)
     # A private devpts instance, so the container sees only its own
     # terminals (Documentation/filesystems/devpts.rst).
@@ -150,7 +163,7 @@ def _mount_item(root: str, item: FileSystem | Symlink, source_fd: int | None) ->
     target = root + item.mount_point
     if source_fd is not None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        if os.path.isdir(f"/proc/self/fd/{source_fd}"):
+        if stat.S_ISDIR(os.fstat(source_fd).st_mode):
             os.makedirs(target, exist_ok=True)
         else:
             _touch(target)
