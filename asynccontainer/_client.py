@@ -80,6 +80,7 @@ class ForkServer:
         finally:
             server_end.close()
         caller_end.setblocking(False)
+        caller_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CONTROL_BUFFER)
         self.control = caller_end
 
     @property
@@ -146,6 +147,14 @@ def _at_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_at_fork_in_child)
 
 
+# Retry pauses while the control socket's buffer is full.
+_FULL_PAUSE_FIRST = 0.0005
+_FULL_PAUSE_LAST = 0.02
+# Room for many queued requests before senders have to pause: a burst of a
+# few hundred starts is the normal case (the kernel caps it at wmem_max).
+_CONTROL_BUFFER = 4 * 1024 * 1024
+
+
 async def send_request(request: SpawnRequest, fds: Sequence[int]) -> None:
     """Send one request datagram to the fork server (starting it if needed).
 
@@ -157,12 +166,19 @@ async def send_request(request: SpawnRequest, fds: Sequence[int]) -> None:
     for attempt in range(2):
         server = fork_server()
         try:
+            pause = _FULL_PAUSE_FIRST
             while True:
                 try:
                     server.control.sendmsg([data], fds_ancillary(fds))
                     return
                 except BlockingIOError:
-                    await anyio.wait_writable(server.control)
+                    # The server is behind. Every task, of every event loop
+                    # and thread, may be here at once: waiting for the fd to
+                    # turn writable would take one waiter only (trio raises
+                    # BusyResourceError for a second), so each retries after
+                    # a pause of its own instead.
+                    await anyio.sleep(pause)
+                    pause = min(pause * 2, _FULL_PAUSE_LAST)
         except (BrokenPipeError, ConnectionResetError) as exc:
             # The server died (killed from outside?): the request was not
             # delivered, so it is safe to start another server and resend.

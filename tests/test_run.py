@@ -276,3 +276,21 @@ async def test_non_executable_raises_permission_error(tmp_path: Path) -> None:
         await ac.run_container(
             ["/x/script"], mounts=[*SYSTEM, ac.FileSystemMapping(str(tmp_path), "/x")]
         )
+
+
+async def test_hundreds_of_containers_at_once() -> None:
+    """A burst larger than the control socket's buffer: senders must queue, not fail.
+
+    Several tasks waiting for the same fd to turn writable is an error under
+    trio (BusyResourceError); this once broke 500 concurrent services.
+    """
+    count = 300
+    results: list[int] = []
+
+    async def one() -> None:
+        results.append(await ac.call_with_container(["true"], mounts=SYSTEM, namespaces=["mnt"]))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(count):
+            group.start_soon(one)
+    assert results == [0] * count
