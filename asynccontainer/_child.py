@@ -36,6 +36,7 @@ from ._protocol import (
     Returned,
     SetupFailed,
     recv_frame,
+    recvmsg_fds,
     send_frame,
 )
 from ._service_child import apply_service_process_state, prepare_service_root, run_init
@@ -77,7 +78,7 @@ def _reset_process_state() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
-def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
+def container_main(go_fd: int) -> NoReturn:
     """Run the container's side of the handshake, set it up, run its target.
 
     Never returns: the process execs the command, or exits with the
@@ -90,12 +91,18 @@ def container_main(handshake_fd: int, go_fd: int) -> NoReturn:
         # across fork, a container with a pid namespace takes its whole
         # namespace down with it (its PID 1 dying kills the rest).
         _kernel.prctl(_kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _close_fds_except({handshake_fd, go_fd})
-        # Wait until the server has written the id maps (Guix's "ready").
-        # End-of-file means the server died or gave up on us.
-        if os.read(go_fd, 1) != b"g":
+        _close_fds_except({go_fd})
+        _kernel.set_process_name("ac-zygote")
+        # Wait until the server has written the id maps (Guix's "ready")
+        # and handed over the handshake socket. End-of-file means the
+        # server died or gave up on us.
+        go = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, go_fd)
+        data, fds = recvmsg_fds(go, 16)
+        go.close()
+        if data != b"g" or len(fds) != 1:
             os._exit(EXIT_PARENT_DIED)
-        os.close(go_fd)
+        handshake_fd = fds[0]
+        _kernel.set_process_name("ac-container")
     except BaseException:
         os._exit(EXIT_PARENT_DIED)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -49,6 +50,9 @@ from ._protocol import (
 
 __all__ = ["main", "serve"]
 
+# Zygotes kept at most: one per kind of container (clone flags) in use.
+_MAX_ZYGOTES = 4
+
 # A request is a pickled SpawnRequest of a few hundred bytes.
 _MAX_REQUEST = 65536
 
@@ -60,6 +64,13 @@ class _Server:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The container's status socket, by PID, until it is reaped.
         self.status: dict[int, socket.socket] = {}
+        # Children cloned ahead of need ("zygotes"), by clone flags: (PID, go
+        # socket). Cloning is the costliest step of a start (page tables,
+        # namespaces, the child's first scheduling); done while the server
+        # is idle, it is off the path of the next request with those flags.
+        self.zygotes: dict[int, tuple[int, socket.socket]] = {}
+        # Flags served since the server was last idle: a zygote is wanted.
+        self.wanted: set[int] = set()
         self.running = True
 
     def run(self) -> None:
@@ -70,7 +81,11 @@ class _Server:
         self.selector.register(self.control, selectors.EVENT_READ)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ)
         while self.running:
-            for key, _ in self.selector.select():
+            events = self.selector.select(0 if self.wanted else None)
+            if not events and self.wanted:
+                self.prepare_zygote(self.wanted.pop())
+                continue
+            for key, _ in events:
                 if key.fileobj is self.control:
                     self.receive_request()
                 else:
@@ -112,20 +127,62 @@ class _Server:
         finally:
             os.close(handshake_fd)
 
-    def spawn(self, request: SpawnRequest, handshake_fd: int, status: socket.socket) -> None:
-        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    def clone(self, flags: int) -> tuple[int, socket.socket]:
+        """Clone a container process that waits for its go; return (PID, go socket)."""
+        go, child_go = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = _kernel.clone(request.clone_flags | signal.SIGCHLD)
-        except OSError as exc:
-            os.close(go_r)
-            os.close(go_w)
-            self.send(status, SpawnFailed(ExceptionInfo.capture(exc)))
-            status.close()
-            return
+            pid = _kernel.clone(flags | signal.SIGCHLD)
+        except BaseException:
+            go.close()
+            child_go.close()
+            raise
         if pid == 0:
-            os.close(go_w)
-            container_main(handshake_fd, go_r)
-        os.close(go_r)
+            container_main(child_go.fileno())
+        child_go.close()
+        return pid, go
+
+    def prepare_zygote(self, flags: int) -> None:
+        """Clone a zygote for `flags` (the server is idle), keeping a few kinds at most."""
+        if flags in self.zygotes:
+            return
+        if len(self.zygotes) >= _MAX_ZYGOTES:
+            oldest = next(iter(self.zygotes))
+            self.discard_zygote(oldest)
+        try:
+            self.zygotes[flags] = self.clone(flags)
+        except OSError:
+            pass  # a limit (ENOSPC, ENOMEM): the next request clones, and reports it
+
+    def discard_zygote(self, flags: int) -> None:
+        """Close a zygote's go socket, which makes it exit; the reaper collects it."""
+        _, go = self.zygotes.pop(flags)
+        go.close()
+
+    def take_zygote(self, flags: int) -> tuple[int, socket.socket] | None:
+        """Return the zygote for `flags` if there is one and it is alive."""
+        zygote = self.zygotes.pop(flags, None)
+        if zygote is None:
+            return None
+        _, go = zygote
+        poller = select.poll()
+        poller.register(go, select.POLLHUP | select.POLLERR)
+        if poller.poll(0):
+            go.close()  # it died; the reaper collects it
+            return None
+        return zygote
+
+    def spawn(self, request: SpawnRequest, handshake_fd: int, status: socket.socket) -> None:
+        flags = request.clone_flags
+        zygote = self.take_zygote(flags)
+        if zygote is None:
+            try:
+                zygote = self.clone(flags)
+            except OSError as exc:
+                self.send(status, SpawnFailed(ExceptionInfo.capture(exc)))
+                status.close()
+                return
+        self.wanted.add(flags)
+        pid, go = zygote
         self.status[pid] = status
         try:
             if request.id_map is not None:
@@ -146,14 +203,14 @@ class _Server:
                 os.close(pidfd)
             if not sent:
                 raise BrokenPipeError("the caller no longer waits for this container")
-            os.write(go_w, b"g")
+            go.sendmsg([b"g"], fds_ancillary([handshake_fd]))
         except Exception as exc:
-            # The child sees end-of-file on the go pipe and exits; its
+            # The child sees end-of-file on its go socket and exits; its
             # status still goes to the caller once it is reaped.
             self.send(status, SpawnFailed(ExceptionInfo.capture(exc)))
             os.kill(pid, signal.SIGKILL)
         finally:
-            os.close(go_w)
+            go.close()
 
     def send(self, status: socket.socket, message: object, fds: list[int] | None = None) -> bool:
         """Send a status frame without blocking; False if the caller is gone or not reading."""
@@ -175,15 +232,22 @@ class _Server:
             if status is not None:
                 self.send(status, Exited(os.waitstatus_to_exitcode(wait_status)))
                 status.close()
+            for flags, (zygote, _) in list(self.zygotes.items()):
+                if zygote == pid:
+                    self.discard_zygote(flags)  # killed from outside
 
     def shut_down(self) -> None:
         """Kill and reap every container still running; nobody can wait for them any more."""
+        for flags in list(self.zygotes):
+            self.discard_zygote(flags)
         for pid in self.status:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        while self.status:
+        # Released zygotes exit at once (end-of-file on their go socket):
+        # reap every child, not only the containers.
+        while True:
             try:
                 pid, wait_status = os.waitpid(-1, 0)
             except ChildProcessError:

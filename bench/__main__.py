@@ -39,20 +39,28 @@ def _scale(result: Result) -> float:
 def print_table(result: Result) -> None:
     """Print one scenario's table."""
     scale = _scale(result)
-    base = next((s for s in result.series if s.name == result.baseline), result.series[0])
-    base_p50 = base.quantile(0.5)
     print(f"\n## {result.scenario} ({result.unit})")
     width = max(len(s.name) for s in result.series)
     for series in result.series:
+        baseline = _baseline_of(result, series.name)
+        base = next((s for s in result.series if s.name == baseline), result.series[0])
         p50 = series.quantile(0.5)
+        base_p50 = base.quantile(0.5)
         ratio = p50 / base_p50 if base_p50 else math.nan
         line = f"  {series.name.ljust(width)}  p50 {p50 * scale:10.3f}"
         if len(series.values) > 1:
             line += f"  p99 {series.quantile(0.99) * scale:10.3f}  n={len(series.values)}"
-        line += f"  ratio to {result.baseline}: {ratio:6.2f}x"
+        line += f"  ratio to {baseline}: {ratio:6.2f}x"
         print(line)
     for note in result.notes:
         print(f"  note: {note}")
+
+
+def _baseline_of(result: Result, name: str) -> str:
+    """Return the baseline series a series compares with."""
+    if result.per_level and " x" in name:
+        return f"{result.baseline} x{name.rsplit(' x', 1)[1]}"
+    return result.baseline
 
 
 def plot(result: Result, path: str) -> None:

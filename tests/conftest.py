@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from procfs import children_of, containers_of
 
 from asynccontainer import _client
 
@@ -49,22 +50,6 @@ _TEMP_KEY = pytest.StashKey[str]()
 @pytest.fixture(params=["asyncio", "trio"], scope="session")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def children_of(pid: int) -> set[int]:
-    """Return the PIDs of the direct children of `pid` (every thread's)."""
-    found: set[int] = set()
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as file:
-                found.update(int(child) for child in file.read().split())
-        except FileNotFoundError:
-            pass
-    return found
 
 
 def process_state(pid: int) -> str:
@@ -119,12 +104,12 @@ def nothing_leaks() -> Iterator[None]:
     mounts_before = mount_table()
     temp_before = temp_entries()
     server_before, _ = fork_server_details()
-    containers_before = children_of(server_before) if server_before else set()
+    containers_before = containers_of(server_before) if server_before else set()
     yield
     server_pid, control_fd = fork_server_details()
     problems = []
 
-    containers = children_of(server_pid) if server_pid else set()
+    containers = containers_of(server_pid) if server_pid else set()
     if server_pid == server_before:
         # Report what this test left, not what an earlier one did.
         containers -= containers_before

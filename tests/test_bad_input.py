@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
+from procfs import fork_server_containers
 
 import asynccontainer as ac
 from asynccontainer import _client
@@ -52,14 +53,7 @@ async def rejected_before_spawn(
 
 
 def server_children() -> set[int]:
-    server = _client._server
-    if server is None or not server.alive():
-        return set()
-    found: set[int] = set()
-    for tid in os.listdir(f"/proc/{server.pid}/task"):
-        with open(f"/proc/{server.pid}/task/{tid}/children") as file:
-            found.update(int(child) for child in file.read().split())
-    return found
+    return fork_server_containers()
 
 
 async def raised_by_the_container(

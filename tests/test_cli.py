@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procfs import children_of
 
 import asynccontainer as ac
 
@@ -60,21 +61,6 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
 
 
 # -- processes ----------------------------------------------------------------------
-
-
-def children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as file:
-                found.update(int(child) for child in file.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return found
 
 
 def descendants_of(pid: int) -> set[int]:

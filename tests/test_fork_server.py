@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from procfs import children_of, containers_of
 
 import asynccontainer as ac
 from asynccontainer import _client
@@ -66,14 +67,6 @@ def is_dead(pid: int, started: str) -> bool:
 
 def exists(pid: int) -> bool:
     return stat_fields(pid) is not None
-
-
-def children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as file:
-            found.update(int(child) for child in file.read().split())
-    return found
 
 
 def status_field(pid: int, name: str) -> str:
@@ -340,7 +333,7 @@ async def test_server_reaps_every_child() -> None:
     assert sorted(returncodes) == [-signal.SIGKILL] * 5 + [0] * 5
 
     assert current_server_pid() == server
-    assert children_of(server) == set()
+    assert containers_of(server) == set()
     # Nor is anything of ours a zombie.
     for child in children_of(os.getpid()):
         fields = stat_fields(child)

@@ -22,9 +22,9 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from procfs import children_of, fork_server_containers
 
 import asynccontainer as ac
-from asynccontainer import _client
 
 GRACE = 0.5
 LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
@@ -75,21 +75,6 @@ def parent_of(pid: int) -> int:
         return int(file.read().rsplit(")", 1)[1].split()[1])
 
 
-def children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as file:
-                found.update(int(child) for child in file.read().split())
-        except FileNotFoundError:
-            pass
-    return found
-
-
 def namespace_of(pid: int | str, kind: str) -> str:
     return os.readlink(f"/proc/{pid}/ns/{kind}")
 
@@ -136,10 +121,7 @@ async def wait_for_file(path: Path, timeout: float = 5.0) -> str:
 
 
 def fork_server_children() -> set[int]:
-    server = _client._server
-    if server is None or not server.alive():
-        return set()
-    return children_of(server.pid)
+    return fork_server_containers()
 
 
 def log_lines(path: Path) -> list[str]:

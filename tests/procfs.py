@@ -1,0 +1,49 @@
+"""Processes as /proc shows them: children, names, and the fork server's containers."""
+
+from __future__ import annotations
+
+import os
+
+from asynccontainer import _client
+
+# The fork server clones a child ahead of need when idle (_server.py,
+# "zygotes"): an idle one is not a container, and not a leak.
+ZYGOTE_NAME = "ac-zygote"
+
+
+def children_of(pid: int) -> set[int]:
+    """Return the PIDs of the direct children of `pid` (every thread's)."""
+    found: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as file:
+                found.update(int(child) for child in file.read().split())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def process_name(pid: int) -> str | None:
+    """Return /proc/PID/comm, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def containers_of(server_pid: int) -> set[int]:
+    """Return the fork server's children but its idle zygotes."""
+    return {pid for pid in children_of(server_pid) if process_name(pid) != ZYGOTE_NAME}
+
+
+def fork_server_containers() -> set[int]:
+    """Return the containers of this process's fork server (none if it does not run)."""
+    server = _client._server
+    if server is None or not server.alive():
+        return set()
+    return containers_of(server.pid)
