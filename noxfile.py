@@ -46,3 +46,15 @@ def docs(session: nox.Session) -> None:
         "docs/_build/html",
         *session.posargs,
     )
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks beside bubblewrap, unshare and plain subprocesses; write plots."""
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        # bubblewrap comes from the distribution's packages (Debian here).
+        session.run("apt-get", "install", "-y", "-qq", "bubblewrap", external=True)
+    session.install("-e", ".", "matplotlib>=3.8", "trio>=0.26")
+    session.run("python", "-m", "bench", *session.posargs)
