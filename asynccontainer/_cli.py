@@ -99,24 +99,23 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: ids are zero or more")
-    return value
+def _integer(what: str, minimum: int) -> Callable[[str], int]:
+    """Make a parser of whole numbers from `minimum` up, named `what` in errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({minimum} or more)")
+        return value
+
+    return parse
 
 
-def _pid(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a PID") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a PID")
-    return value
+_id = _integer("a numeric id", 0)
+_pid = _integer("a PID", 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

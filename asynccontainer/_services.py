@@ -479,7 +479,6 @@ class Service:
         self._ended = anyio.Event()
         # Set when the current launch knows its PID (or failed to).
         self._settled = anyio.Event()
-        self._stopping = False
         self._finished = anyio.Event()
         self._supervisor_scope = anyio.CancelScope()
         self._deaths: collections.deque[float] = collections.deque()
@@ -539,7 +538,6 @@ class Service:
 
         Cancellation: the stop goes on to its end, shielded.
         """
-        self._stopping = True
         self._supervisor_scope.cancel()
         with anyio.CancelScope(shield=True):
             if not self._finished.is_set():
