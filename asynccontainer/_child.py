@@ -119,9 +119,39 @@ def container_main(go_fd: int) -> NoReturn:
     os._exit(EXIT_PARENT_DIED)
 
 
-def _container(handshake: socket.socket, config: ContainerConfig, stdio: list[int]) -> NoReturn:
+def _lift(fd: int, floor: int) -> int:
+    """Move `fd` to the lowest free number from `floor` up (close-on-exec); return it."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+    os.close(fd)
+    return moved
+
+
+def _install_passed_fds(received: list[int], targets: tuple[int, ...]) -> None:
+    """Put each received fd at its number in the container (subprocess's pass_fds).
+
+    Every one is first lifted above all the targets, so that no dup2 can
+    overwrite one not yet placed.
+    """
+    floor = max(targets) + 1
+    lifted = [_lift(fd, floor) for fd in received]
+    for fd, number in zip(lifted, targets, strict=True):
+        os.dup2(fd, number)  # inheritable, as the target must receive it
+    for fd in lifted:
+        os.close(fd)
+
+
+def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]) -> NoReturn:
+    stdio, passed = fds[:3], fds[3:]
     try:
+        if config.pass_fds:
+            # Out of the way of the numbers the passed fds will take.
+            floor = max(config.pass_fds) + 1
+            handshake = socket.socket(
+                socket.AF_UNIX, socket.SOCK_STREAM, 0, _lift(handshake.detach(), floor)
+            )
         target = _set_up(config, stdio)
+        if config.pass_fds:
+            _install_passed_fds(passed, config.pass_fds)
         service = config.service
         if (service is not None and service.init) or (
             not config.child_is_pid1 and "pid" in config.namespaces
@@ -135,6 +165,12 @@ def _container(handshake: socket.socket, config: ContainerConfig, stdio: list[in
             apply_service_process_state(service)
         elif config.new_session:
             _start_session()
+        if config.no_new_privs:
+            # execve(2) can no longer grant privileges: setuid and setgid
+            # bits and file capabilities are ignored (prctl(2)); a container
+            # whose root can write files must not be able to make its own
+            # setuid programs work. Set in the target, after the set-up.
+            _kernel.prctl(_kernel.PR_SET_NO_NEW_PRIVS, 1)
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)

@@ -8,6 +8,7 @@ socket needs no lock (see `_protocol`).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pickle
@@ -145,6 +146,19 @@ def _at_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_at_fork_in_child)
+
+
+def _shut_down_at_exit() -> None:
+    # At exit, end-of-file on the control socket makes the server kill the
+    # containers left and exit; waiting for it reaps it, and closing the
+    # socket here spares the interpreter's "unclosed socket" warning.
+    try:
+        shutdown_fork_server()
+    except Exception:
+        pass
+
+
+atexit.register(_shut_down_at_exit)
 
 
 # Retry pauses while the control socket's buffer is full.

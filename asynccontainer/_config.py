@@ -63,6 +63,11 @@ class ContainerConfig:
     # Send the caller an O_PATH fd of the container's root with the ready
     # reply: files inside stay reachable after the first process exits.
     send_root: bool = False
+    # prctl(PR_SET_NO_NEW_PRIVS) before the target runs.
+    no_new_privs: bool = True
+    # The fd numbers, in the container, of the fds sent after the three of
+    # stdio (subprocess's pass_fds).
+    pass_fds: tuple[int, ...] = ()
     # Set for the containers of services (ServiceGroup.start).
     service: ServiceConfig | None = None
 

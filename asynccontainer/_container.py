@@ -33,6 +33,7 @@ from ._errors import ContainerError
 from ._filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
 from ._namespaces import NAMESPACES, namespace_clone_flags, normalize_namespaces
 from ._protocol import (
+    MAX_FDS,
     ContainerSetup,
     Execing,
     Exited,
@@ -270,6 +271,26 @@ def _check_mounts(mounts: Iterable[MountItem]) -> tuple[MountItem, ...]:
     return items
 
 
+def _check_pass_fds(pass_fds: Iterable[int]) -> tuple[int, ...]:
+    if isinstance(pass_fds, int):
+        raise TypeError("pass_fds is a sequence of fds; wrap a single one as (fd,)")
+    fds = tuple(pass_fds)
+    for fd in fds:
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            raise TypeError(f"pass_fds holds fd numbers, not {fd!r}")
+        if fd < 3:
+            raise ValueError(f"pass_fds: {fd} is stdio; give it as stdin, stdout or stderr")
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise ValueError(f"pass_fds: {fd} is not an open file descriptor") from None
+    if len(set(fds)) != len(fds):
+        raise ValueError(f"pass_fds {fds} names an fd twice")
+    if len(fds) > MAX_FDS - 3:
+        raise ValueError(f"pass_fds: at most {MAX_FDS - 3} fds may be passed")
+    return fds
+
+
 def _check_env(env: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     if env is None:
         # Guix's purify-environment: the container starts with nothing.
@@ -351,6 +372,8 @@ def _build(
     cwd: str | os.PathLike[str],
     child_is_pid1: bool = True,
     new_session: bool = False,
+    no_new_privs: bool = True,
+    pass_fds: Iterable[int] = (),
 ) -> tuple[ContainerConfig, SpawnRequest]:
     """Check every argument of run_container and return what is sent.
 
@@ -366,6 +389,7 @@ def _build(
         ("lock_mounts", lock_mounts),
         ("child_is_pid1", child_is_pid1),
         ("new_session", new_session),
+        ("no_new_privs", no_new_privs),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name} must be True or False, not {flag!r}")
@@ -459,6 +483,8 @@ def _build(
         sys_path=tuple(sys.path) if pickled_callable or populate else (),
         child_is_pid1=child_is_pid1,
         new_session=new_session,
+        no_new_privs=no_new_privs,
+        pass_fds=_check_pass_fds(pass_fds),
     )
     return config, SpawnRequest(namespace_clone_flags(names), id_map)
 
@@ -484,6 +510,8 @@ async def run_container(
     stderr: Stdio = None,
     child_is_pid1: bool = True,
     new_session: bool = False,
+    no_new_privs: bool = True,
+    pass_fds: Iterable[int] = (),
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -531,6 +559,12 @@ async def run_container(
         new_session: the target calls setsid(), as subprocess's
             start_new_session, and takes a terminal on its stdin (a pty the
             caller made for it) as its controlling terminal.
+        no_new_privs: True (the default) sets PR_SET_NO_NEW_PRIVS on the
+            target: setuid bits and file capabilities of what it executes
+            grant nothing.
+        pass_fds: fds of the caller to give the container at the same
+            numbers, as subprocess's pass_fds; no other fd but 0, 1 and 2
+            is inherited.
 
     Returns:
         The running `Container`.
@@ -564,13 +598,15 @@ async def run_container(
         cwd=cwd,
         child_is_pid1=child_is_pid1,
         new_session=new_session,
+        no_new_privs=no_new_privs,
+        pass_fds=pass_fds,
     )
     stdio = _StdioFds()
     try:
         stdio.add("stdin", 0, stdin)
         stdio.add("stdout", 1, stdout)
         stdio.add("stderr", 2, stderr)
-        return await _spawn(config, request, stdio.fds)
+        return await _spawn(config, request, [*stdio.fds, *config.pass_fds])
     finally:
         stdio.close()
 

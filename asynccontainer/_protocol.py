@@ -55,8 +55,8 @@ __all__ = [
     "send_frame",
 ]
 
-MAX_FDS = 8
-"""The most fds one message carries."""
+MAX_FDS = 253
+"""The most fds one message carries (the kernel's SCM_MAX_FD)."""
 
 _HEADER = struct.Struct(">IB")
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)

@@ -259,6 +259,10 @@ class ServiceSpec:
         writable_root: the container's fresh tmpfs root stays writable (the
             default: daemons write to /var/run); it is private and goes
             with the container.
+        no_new_privs: True (the default) sets PR_SET_NO_NEW_PRIVS on the
+            service: setuid bits and file capabilities grant it nothing
+            (the switch to `user` and `group` is done before, and is not
+            affected).
 
     Raises:
         TypeError, ValueError: naming the field and what to pass instead.
@@ -311,6 +315,9 @@ class ServiceSpec:
         default=False, kw_only=True, validator=attrs.validators.instance_of(bool)
     )
     writable_root: bool = attrs.field(
+        default=True, kw_only=True, validator=attrs.validators.instance_of(bool)
+    )
+    no_new_privs: bool = attrs.field(
         default=True, kw_only=True, validator=attrs.validators.instance_of(bool)
     )
 
@@ -588,6 +595,7 @@ class Service:
             hostname=None,
             env=env,
             cwd="/",
+            no_new_privs=spec.no_new_privs,
         )
         container_config = attrs.evolve(
             container_config,

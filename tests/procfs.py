@@ -7,8 +7,10 @@ import os
 from asynccontainer import _client
 
 # The fork server clones a child ahead of need when idle (_server.py,
-# "zygotes"): an idle one is not a container, and not a leak.
-ZYGOTE_NAME = "ac-zygote"
+# "zygotes"): an idle one is not a container, and not a leak. For a moment
+# after the clone it still bears the server's name; a container renames
+# itself "ac-container" as soon as it is handed its request.
+NOT_CONTAINERS = ("ac-zygote", "ac-forkserver")
 
 
 def children_of(pid: int) -> set[int]:
@@ -38,7 +40,7 @@ def process_name(pid: int) -> str | None:
 
 def containers_of(server_pid: int) -> set[int]:
     """Return the fork server's children but its idle zygotes."""
-    return {pid for pid in children_of(server_pid) if process_name(pid) != ZYGOTE_NAME}
+    return {pid for pid in children_of(server_pid) if process_name(pid) not in NOT_CONTAINERS}
 
 
 def fork_server_containers() -> set[int]:

@@ -29,7 +29,7 @@ def containers(server):
             return open(f"/proc/{pid}/comm").read().strip()
         except OSError:
             return None
-    return [pid for pid in children if name(pid) != "ac-zygote"]
+    return [pid for pid in children if name(pid) not in ("ac-zygote", "ac-forkserver")]
 
 async def main():
     async def report():
