@@ -41,6 +41,8 @@ _EXPORTS = {
     "MountItem": "_filesystems",
     "Symlink": "_filesystems",
     "read_pid_file": "_pidfile",
+    "DEFAULT_SECCOMP": "_seccomp",
+    "SeccompPolicy": "_seccomp",
     "Service": "_services",
     "ServiceGroup": "_services",
     "ServiceSpec": "_services",
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
         user_namespace_supported,
     )
     from ._pidfile import read_pid_file
+    from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
     from ._services import (
         Service,
         ServiceGroup,
@@ -107,6 +110,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CONTAINER_FILE_SYSTEMS",
+    "DEFAULT_SECCOMP",
     "HOST_SYSTEM_MAPPINGS",
     "MOUNT_FLAGS",
     "NAMESPACES",
@@ -117,6 +121,7 @@ __all__ = [
     "FileSystem",
     "FileSystemMapping",
     "MountItem",
+    "SeccompPolicy",
     "Service",
     "ServiceGroup",
     "ServiceSpec",

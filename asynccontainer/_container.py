@@ -44,6 +44,7 @@ from ._protocol import (
     SpawnFailed,
     SpawnRequest,
 )
+from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
 
 __all__ = ["Container", "Target", "call_with_container", "run_container"]
 
@@ -271,6 +272,21 @@ def _check_mounts(mounts: Iterable[MountItem]) -> tuple[MountItem, ...]:
     return items
 
 
+def _check_seccomp(
+    seccomp: SeccompPolicy | None, no_new_privs: bool, namespaces: frozenset[str]
+) -> SeccompPolicy | None:
+    if seccomp is not None and not isinstance(seccomp, SeccompPolicy):
+        raise TypeError(f"seccomp is a SeccompPolicy or None, not {seccomp!r}")
+    if seccomp is not None and not no_new_privs and "user" not in namespaces and os.geteuid():
+        # seccomp(2): without no_new_privs, loading a filter takes
+        # CAP_SYS_ADMIN, which only root or a user namespace gives.
+        raise ValueError(
+            "a seccomp filter without no_new_privs needs root or a user namespace; "
+            "keep no_new_privs=True or pass seccomp=None"
+        )
+    return seccomp
+
+
 def _check_pass_fds(pass_fds: Iterable[int]) -> tuple[int, ...]:
     if isinstance(pass_fds, int):
         raise TypeError("pass_fds is a sequence of fds; wrap a single one as (fd,)")
@@ -374,6 +390,7 @@ def _build(
     new_session: bool = False,
     no_new_privs: bool = True,
     pass_fds: Iterable[int] = (),
+    seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
 ) -> tuple[ContainerConfig, SpawnRequest]:
     """Check every argument of run_container and return what is sent.
 
@@ -485,6 +502,7 @@ def _build(
         new_session=new_session,
         no_new_privs=no_new_privs,
         pass_fds=_check_pass_fds(pass_fds),
+        seccomp=_check_seccomp(seccomp, no_new_privs, names),
     )
     return config, SpawnRequest(namespace_clone_flags(names), id_map)
 
@@ -512,6 +530,7 @@ async def run_container(
     new_session: bool = False,
     no_new_privs: bool = True,
     pass_fds: Iterable[int] = (),
+    seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -565,6 +584,10 @@ async def run_container(
         pass_fds: fds of the caller to give the container at the same
             numbers, as subprocess's pass_fds; no other fd but 0, 1 and 2
             is inherited.
+        seccomp: the filter installed on the target: DEFAULT_SECCOMP (the
+            kernel keyring, userfaultfd, kexec, modules, open_by_handle_at,
+            perf_event_open, bpf ... fail with EPERM), a SeccompPolicy of
+            your own, or None for no filter.
 
     Returns:
         The running `Container`.
@@ -600,6 +623,7 @@ async def run_container(
         new_session=new_session,
         no_new_privs=no_new_privs,
         pass_fds=pass_fds,
+        seccomp=seccomp,
     )
     stdio = _StdioFds()
     try:

@@ -46,6 +46,7 @@ from ._filesystems import (
 )
 from ._namespaces import NAMESPACES, normalize_namespaces
 from ._pidfile import PidTranslator, wait_for_pid_file
+from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
 
 __all__ = [
     "Service",
@@ -209,6 +210,11 @@ def _environment(
     return None if env is None else tuple(dict(env).items())
 
 
+def _seccomp_policy(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, SeccompPolicy):
+        raise TypeError(f"seccomp is a SeccompPolicy or None, not {value!r}")
+
+
 def _umask(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
     if value is None:
         return
@@ -263,6 +269,8 @@ class ServiceSpec:
             service: setuid bits and file capabilities grant it nothing
             (the switch to `user` and `group` is done before, and is not
             affected).
+        seccomp: the seccomp filter of the service: DEFAULT_SECCOMP, a
+            SeccompPolicy of your own, or None.
 
     Raises:
         TypeError, ValueError: naming the field and what to pass instead.
@@ -319,6 +327,9 @@ class ServiceSpec:
     )
     no_new_privs: bool = attrs.field(
         default=True, kw_only=True, validator=attrs.validators.instance_of(bool)
+    )
+    seccomp: SeccompPolicy | None = attrs.field(
+        default=DEFAULT_SECCOMP, kw_only=True, validator=_seccomp_policy
     )
 
     def __attrs_post_init__(self) -> None:
@@ -596,6 +607,7 @@ class Service:
             env=env,
             cwd="/",
             no_new_privs=spec.no_new_privs,
+            seccomp=spec.seccomp,
         )
         container_config = attrs.evolve(
             container_config,

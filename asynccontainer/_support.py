@@ -150,6 +150,16 @@ def findings() -> list[Finding]:
         result.append(
             Finding("pidfd (race-free signals)", False, exc.strerror or "", "needs Linux 5.3")
         )
+    from . import _seccomp
+
+    result.append(
+        Finding(
+            "seccomp filters (libseccomp)",
+            _seccomp._LIB is not None,
+            "",
+            "install libseccomp (apt-get install libseccomp2), or pass seccomp=None",
+        )
+    )
     result.append(_cgroup_version())
     return result
 

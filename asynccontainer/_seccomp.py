@@ -1,0 +1,195 @@
+"""Seccomp filters, built with libseccomp: the policy value, and its loading.
+
+libseccomp compiles the rules to BPF, picks the architecture, and handles
+the system call numbers; this module only binds the five functions it
+needs through ctypes (seccomp_init(3), seccomp_rule_add(3),
+seccomp_syscall_resolve_name(3), seccomp_load(3), seccomp_release(3)), in
+the style of `_kernel`: no policy here but the default list below.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+from collections.abc import Iterable
+
+import attrs
+
+__all__ = ["DEFAULT_SECCOMP", "SeccompPolicy", "load_seccomp_policy"]
+
+# <seccomp.h>
+_SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_FLTATR_CTL_NNP = 3
+_SCMP_CMP_MASKED_EQ = 7
+# <linux/sched.h>
+_CLONE_NEWUSER = 0x10000000
+
+
+def _scmp_act_errno(number: int) -> int:
+    return 0x00050000 | (number & 0x0000FFFF)
+
+
+class _ArgCmp(ctypes.Structure):
+    # struct scmp_arg_cmp
+    _fields_ = (
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    )
+
+
+def _open_libseccomp() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None  # load_seccomp_policy says what to install
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+# Loaded when the fork server imports this, not after pivot_root.
+_LIB = _open_libseccomp()
+
+# What no container needs, and what kernel exploits keep reaching for:
+# the kernel keyring (not namespaced: keys leak across containers),
+# userfaultfd (a staple of use-after-free exploits), kexec and modules,
+# open_by_handle_at (the "shocker" escape from Docker, 2014), perf events
+# and bpf (large attack surface), and other host-wide switches.
+_DEFAULT_DENIED = frozenset(
+    {
+        "keyctl",
+        "add_key",
+        "request_key",
+        "userfaultfd",
+        "kexec_load",
+        "kexec_file_load",
+        "open_by_handle_at",
+        "perf_event_open",
+        "bpf",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "swapon",
+        "swapoff",
+        "reboot",
+        "acct",
+        "settimeofday",
+        "clock_settime",
+        "clock_adjtime",
+        "adjtimex",
+        "lookup_dcookie",
+    }
+)
+
+
+def _syscall_names(names: Iterable[str]) -> frozenset[str]:
+    if isinstance(names, str):
+        raise TypeError(f"give system call names as a set, not the string {names!r}")
+    result = frozenset(names)
+    if _LIB is None:
+        return result  # checked when loaded, where the missing library is reported
+    unknown = sorted(
+        name
+        for name in result
+        if not isinstance(name, str) or _LIB.seccomp_syscall_resolve_name(name.encode()) < 0
+    )
+    if unknown:
+        raise ValueError(
+            f"unknown system call name(s) {', '.join(map(repr, unknown))} for this "
+            "architecture (libseccomp's names, as in seccomp_syscall_resolve_name(3))"
+        )
+    return result
+
+
+@attrs.frozen
+class SeccompPolicy:
+    """A seccomp filter for a container's target: what it may not call.
+
+    Every system call is allowed but those in `deny`, which fail with
+    `errno` (EPERM by default: programs take it as "not allowed" and carry
+    on). With `allow_user_namespaces=False`, creating a user namespace
+    fails too (unshare and clone with CLONE_NEWUSER, with EPERM; clone3,
+    whose flags a filter cannot read, with ENOSYS so that libc falls back
+    to clone). A policy is compose-able: ``SeccompPolicy(deny=
+    DEFAULT_SECCOMP.deny | {"mount"})``.
+
+    Raises:
+        ValueError: for a system call name libseccomp does not know.
+    """
+
+    deny: frozenset[str] = attrs.field(default=_DEFAULT_DENIED, converter=_syscall_names)
+    errno: int = attrs.field(default=errno.EPERM, validator=attrs.validators.instance_of(int))
+    allow_user_namespaces: bool = attrs.field(
+        default=True, validator=attrs.validators.instance_of(bool)
+    )
+
+
+DEFAULT_SECCOMP = SeccompPolicy()
+"""The default filter: keyring, userfaultfd, kexec, modules, open_by_handle_at,
+perf_event_open, bpf, swap, reboot, accounting and clock changes fail with EPERM."""
+
+
+def _rule(
+    lib: ctypes.CDLL, context: int, action: int, name: str, comparisons: list[_ArgCmp]
+) -> None:
+    number = lib.seccomp_syscall_resolve_name(name.encode())
+    array = (_ArgCmp * len(comparisons))(*comparisons) if comparisons else None
+    result = lib.seccomp_rule_add_array(context, action, number, len(comparisons), array)
+    if result < 0:
+        raise OSError(-result, f"seccomp_rule_add({name}): {errno.errorcode.get(-result, '')}")
+
+
+def load_seccomp_policy(policy: SeccompPolicy) -> None:
+    """Install `policy` on the calling process; it holds across execve(2).
+
+    The caller must have no_new_privs set or CAP_SYS_ADMIN in its user
+    namespace (seccomp(2)); this does not set no_new_privs itself.
+
+    Raises:
+        OSError: when libseccomp cannot build or load the filter.
+    """
+    lib = _LIB
+    if lib is None:
+        raise OSError(
+            errno.ENOSYS,
+            "libseccomp is not installed (libseccomp2 on Debian); install it, or pass "
+            "seccomp=None to run without a filter",
+        )
+    context = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not context:
+        raise OSError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        # libseccomp sets PR_SET_NO_NEW_PRIVS itself unless told not to
+        # (seccomp_attr_set(3), SCMP_FLTATR_CTL_NNP): the caller sets it, or
+        # not, as run_container's no_new_privs says.
+        result = lib.seccomp_attr_set(context, _SCMP_FLTATR_CTL_NNP, 0)
+        if result < 0:
+            raise OSError(-result, "seccomp_attr_set(SCMP_FLTATR_CTL_NNP)")
+        denied = _scmp_act_errno(policy.errno)
+        for name in sorted(policy.deny):
+            _rule(lib, context, denied, name, [])
+        if not policy.allow_user_namespaces:
+            new_user = _ArgCmp(0, _SCMP_CMP_MASKED_EQ, _CLONE_NEWUSER, _CLONE_NEWUSER)
+            _rule(lib, context, _scmp_act_errno(errno.EPERM), "unshare", [new_user])
+            _rule(lib, context, _scmp_act_errno(errno.EPERM), "clone", [new_user])
+            _rule(lib, context, _scmp_act_errno(errno.ENOSYS), "clone3", [])
+        result = lib.seccomp_load(context)
+        if result < 0:
+            raise OSError(-result, f"seccomp_load: {errno.errorcode.get(-result, '')}")
+    finally:
+        lib.seccomp_release(context)
