@@ -39,7 +39,7 @@ from ._protocol import (
     recvmsg_fds,
     send_frame,
 )
-from ._seccomp import load_seccomp_policy
+from ._seccomp import install_filter
 from ._service_child import apply_service_process_state, prepare_service_root, run_init
 
 __all__ = ["container_main", "join_namespaces"]
@@ -172,9 +172,9 @@ def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]
             # whose root can write files must not be able to make its own
             # setuid programs work. Set in the target, after the set-up.
             _kernel.prctl(_kernel.PR_SET_NO_NEW_PRIVS, 1)
-        if config.seccomp is not None:
+        if config.seccomp_program is not None:
             # Last: every set-up step above may need what the filter denies.
-            load_seccomp_policy(config.seccomp)
+            install_filter(config.seccomp_program)
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)

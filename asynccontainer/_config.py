@@ -12,7 +12,6 @@ from __future__ import annotations
 import attrs
 
 from ._filesystems import MountItem
-from ._seccomp import SeccompPolicy
 
 __all__ = ["ContainerConfig", "ExcursionConfig", "ServiceConfig"]
 
@@ -66,8 +65,8 @@ class ContainerConfig:
     send_root: bool = False
     # prctl(PR_SET_NO_NEW_PRIVS) before the target runs.
     no_new_privs: bool = True
-    # The seccomp filter installed last, before the target runs (None: none).
-    seccomp: SeccompPolicy | None = None
+    # The compiled seccomp filter installed last, before the target runs.
+    seccomp_program: bytes | None = None
     # The fd numbers, in the container, of the fds sent after the three of
     # stdio (subprocess's pass_fds).
     pass_fds: tuple[int, ...] = ()

@@ -44,7 +44,7 @@ from ._protocol import (
     SpawnFailed,
     SpawnRequest,
 )
-from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
+from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy, compile_policy
 
 __all__ = ["Container", "Target", "call_with_container", "run_container"]
 
@@ -272,9 +272,9 @@ def _check_mounts(mounts: Iterable[MountItem]) -> tuple[MountItem, ...]:
     return items
 
 
-def _check_seccomp(
+def _compile_seccomp(
     seccomp: SeccompPolicy | None, no_new_privs: bool, namespaces: frozenset[str]
-) -> SeccompPolicy | None:
+) -> bytes | None:
     if seccomp is not None and not isinstance(seccomp, SeccompPolicy):
         raise TypeError(f"seccomp is a SeccompPolicy or None, not {seccomp!r}")
     if seccomp is not None and not no_new_privs and "user" not in namespaces and os.geteuid():
@@ -284,7 +284,7 @@ def _check_seccomp(
             "a seccomp filter without no_new_privs needs root or a user namespace; "
             "keep no_new_privs=True or pass seccomp=None"
         )
-    return seccomp
+    return None if seccomp is None else compile_policy(seccomp)
 
 
 def _check_pass_fds(pass_fds: Iterable[int]) -> tuple[int, ...]:
@@ -502,7 +502,7 @@ def _build(
         new_session=new_session,
         no_new_privs=no_new_privs,
         pass_fds=_check_pass_fds(pass_fds),
-        seccomp=_check_seccomp(seccomp, no_new_privs, names),
+        seccomp_program=_compile_seccomp(seccomp, no_new_privs, names),
     )
     return config, SpawnRequest(namespace_clone_flags(names), id_map)
 

@@ -1,10 +1,11 @@
-"""Seccomp filters, built with libseccomp: the policy value, and its loading.
+"""Seccomp filters, built with libseccomp: the policy value, its compilation, its loading.
 
-libseccomp compiles the rules to BPF, picks the architecture, and handles
-the system call numbers; this module only binds the five functions it
-needs through ctypes (seccomp_init(3), seccomp_rule_add(3),
-seccomp_syscall_resolve_name(3), seccomp_load(3), seccomp_release(3)), in
-the style of `_kernel`: no policy here but the default list below.
+libseccomp compiles the rules to BPF, with the architecture check and the
+system call numbers; this module only binds the functions it needs through
+ctypes (seccomp_init(3), seccomp_rule_add(3), seccomp_syscall_resolve_name(3),
+seccomp_export_bpf(3), seccomp_release(3)), in the style of `_kernel`: no
+policy here but the default list below. The program is compiled once per
+policy in the caller, and the container installs the bytes with prctl(2).
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
+import os
 from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["DEFAULT_SECCOMP", "SeccompPolicy", "load_seccomp_policy"]
+from . import _kernel
+
+__all__ = ["DEFAULT_SECCOMP", "SeccompPolicy", "compile_policy", "install_filter"]
 
 # <seccomp.h>
 _SCMP_ACT_ALLOW = 0x7FFF0000
-_SCMP_FLTATR_CTL_NNP = 3
+# <linux/prctl.h>, <linux/seccomp.h>
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
 _SCMP_CMP_MASKED_EQ = 7
 # <linux/sched.h>
 _CLONE_NEWUSER = 0x10000000
@@ -45,7 +52,7 @@ def _open_libseccomp() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError:
-        return None  # load_seccomp_policy says what to install
+        return None  # compile_policy says what to install
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
@@ -57,7 +64,7 @@ def _open_libseccomp() -> ctypes.CDLL | None:
         ctypes.POINTER(_ArgCmp),
     ]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     return lib
 
@@ -154,14 +161,16 @@ def _rule(
         raise OSError(-result, f"seccomp_rule_add({name}): {errno.errorcode.get(-result, '')}")
 
 
-def load_seccomp_policy(policy: SeccompPolicy) -> None:
-    """Install `policy` on the calling process; it holds across execve(2).
+@functools.lru_cache(maxsize=32)
+def compile_policy(policy: SeccompPolicy) -> bytes:
+    """Return the BPF program of `policy` (struct sock_filter entries), compiled once.
 
-    The caller must have no_new_privs set or CAP_SYS_ADMIN in its user
-    namespace (seccomp(2)); this does not set no_new_privs itself.
+    libseccomp builds it in the caller (seccomp_export_bpf(3)) and every
+    container installs the same bytes with one prctl: building it in each
+    container cost 1.5 ms per start.
 
     Raises:
-        OSError: when libseccomp cannot build or load the filter.
+        OSError: when libseccomp is missing or cannot build the filter.
     """
     lib = _LIB
     if lib is None:
@@ -174,12 +183,6 @@ def load_seccomp_policy(policy: SeccompPolicy) -> None:
     if not context:
         raise OSError(errno.ENOMEM, "seccomp_init failed")
     try:
-        # libseccomp sets PR_SET_NO_NEW_PRIVS itself unless told not to
-        # (seccomp_attr_set(3), SCMP_FLTATR_CTL_NNP): the caller sets it, or
-        # not, as run_container's no_new_privs says.
-        result = lib.seccomp_attr_set(context, _SCMP_FLTATR_CTL_NNP, 0)
-        if result < 0:
-            raise OSError(-result, "seccomp_attr_set(SCMP_FLTATR_CTL_NNP)")
         denied = _scmp_act_errno(policy.errno)
         for name in sorted(policy.deny):
             _rule(lib, context, denied, name, [])
@@ -188,8 +191,34 @@ def load_seccomp_policy(policy: SeccompPolicy) -> None:
             _rule(lib, context, _scmp_act_errno(errno.EPERM), "unshare", [new_user])
             _rule(lib, context, _scmp_act_errno(errno.EPERM), "clone", [new_user])
             _rule(lib, context, _scmp_act_errno(errno.ENOSYS), "clone3", [])
-        result = lib.seccomp_load(context)
-        if result < 0:
-            raise OSError(-result, f"seccomp_load: {errno.errorcode.get(-result, '')}")
+        fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            result = lib.seccomp_export_bpf(context, fd)
+            if result < 0:
+                raise OSError(-result, "seccomp_export_bpf")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
     finally:
         lib.seccomp_release(context)
+
+
+class _SockFprog(ctypes.Structure):
+    # struct sock_fprog, <linux/filter.h>
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def install_filter(program: bytes) -> None:
+    """Install a compiled filter on the calling process; it holds across execve(2).
+
+    The caller must have no_new_privs set or CAP_SYS_ADMIN in its user
+    namespace (seccomp(2)); this does not set no_new_privs itself.
+
+    Raises:
+        OSError: EACCES without either; EINVAL for a malformed program.
+    """
+    buffer = ctypes.create_string_buffer(program, len(program))
+    # struct sock_filter is 8 bytes: u16 code, u8 jt, u8 jf, u32 k.
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    _kernel.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
