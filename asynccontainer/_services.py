@@ -441,7 +441,7 @@ class _LineLogger:
         self.done = anyio.Event()
 
     def close(self) -> None:
-        """Close both fds without running (the service never started)."""
+        """Close both fds and mark the logger done (at its end, or if it never runs)."""
         os.close(self.read_fd)
         if self.log_fd is not None:
             os.close(self.log_fd)
@@ -476,10 +476,7 @@ class _LineLogger:
             if pending:
                 self.emit(pending)
         finally:
-            os.close(self.read_fd)
-            if self.log_fd is not None:
-                os.close(self.log_fd)
-            self.done.set()
+            self.close()
 
 
 class Service:
