@@ -28,6 +28,8 @@ _EXPORTS = {
     "Target": "_container",
     "call_with_container": "_container",
     "run_container": "_container",
+    "ALL_CAPABILITIES": "_capabilities",
+    "DEFAULT_CAPABILITIES": "_capabilities",
     "ContainerError": "_errors",
     "container_excursion": "_excursion",
     "container_excursion_value": "_excursion",
@@ -73,6 +75,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from ._capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
     from ._client import shutdown_fork_server
     from ._container import Container, Target, call_with_container, run_container
     from ._errors import ContainerError
@@ -109,7 +112,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ALL_CAPABILITIES",
     "CONTAINER_FILE_SYSTEMS",
+    "DEFAULT_CAPABILITIES",
     "DEFAULT_SECCOMP",
     "HOST_SYSTEM_MAPPINGS",
     "MOUNT_FLAGS",

@@ -23,6 +23,7 @@ from typing import NoReturn
 import cloudpickle
 
 from . import _kernel
+from ._capabilities import keep_only, limit_bounding_set
 from ._config import ContainerConfig, ExcursionConfig
 from ._mount import bring_loopback_up, lock_mounts, mount_file_systems
 from ._protocol import (
@@ -162,6 +163,15 @@ def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]
             if child != 0:
                 handshake.close()
                 run_init(None if service is not None else child)
+        kept = None
+        if config.capabilities is not None:
+            # Before the service's setuid, which needs CAP_SETUID and would
+            # clear the permitted set without PR_SET_KEEPCAPS.
+            kept = limit_bounding_set(
+                config.capabilities,
+                config.capabilities_required,
+                switching_user=service is not None and service.uid is not None,
+            )
         if service is not None:
             apply_service_process_state(service)
         elif config.new_session:
@@ -172,9 +182,15 @@ def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]
             # whose root can write files must not be able to make its own
             # setuid programs work. Set in the target, after the set-up.
             _kernel.prctl(_kernel.PR_SET_NO_NEW_PRIVS, 1)
+        # The filter comes last, since every set-up step may need what it
+        # denies; but without no_new_privs, loading it takes CAP_SYS_ADMIN
+        # (seccomp(2)), so it then comes before the capabilities go.
+        if config.no_new_privs and kept is not None:
+            keep_only(kept)
         if config.seccomp_program is not None:
-            # Last: every set-up step above may need what the filter denies.
             install_filter(config.seccomp_program)
+        if not config.no_new_privs and kept is not None:
+            keep_only(kept)
     except BaseException as exc:
         _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)

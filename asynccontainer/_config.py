@@ -65,6 +65,10 @@ class ContainerConfig:
     send_root: bool = False
     # prctl(PR_SET_NO_NEW_PRIVS) before the target runs.
     no_new_privs: bool = True
+    # The capability numbers the target keeps (None: leave them all), and
+    # whether each must be held (else the ones not held are left out).
+    capabilities: frozenset[int] | None = None
+    capabilities_required: bool = True
     # The compiled seccomp filter installed last, before the target runs.
     seccomp_program: bytes | None = None
     # The fd numbers, in the container, of the fds sent after the three of

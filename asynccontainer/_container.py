@@ -22,6 +22,7 @@ from typing import IO, Any, Self, TypeAlias
 import anyio
 
 from . import _kernel
+from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
 from ._client import (
     AsyncFrameChannel,
     rebuild_exception,
@@ -391,6 +392,7 @@ def _build(
     no_new_privs: bool = True,
     pass_fds: Iterable[int] = (),
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
+    capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
 ) -> tuple[ContainerConfig, SpawnRequest]:
     """Check every argument of run_container and return what is sent.
 
@@ -503,6 +505,10 @@ def _build(
         no_new_privs=no_new_privs,
         pass_fds=_check_pass_fds(pass_fds),
         seccomp_program=_compile_seccomp(seccomp, no_new_privs, names),
+        capabilities=None if capabilities is None else capability_numbers(capabilities),
+        # The default set keeps what it can: a caller without root and
+        # without a user namespace holds none of it.
+        capabilities_required=capabilities is not DEFAULT_CAPABILITIES,
     )
     return config, SpawnRequest(namespace_clone_flags(names), id_map)
 
@@ -531,6 +537,7 @@ async def run_container(
     no_new_privs: bool = True,
     pass_fds: Iterable[int] = (),
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
+    capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -588,6 +595,15 @@ async def run_container(
             kernel keyring, userfaultfd, kexec, modules, open_by_handle_at,
             perf_event_open, bpf ... fail with EPERM), a SeccompPolicy of
             your own, or None for no filter.
+        capabilities: the capabilities the target keeps, by name
+            ("CAP_NET_BIND_SERVICE" or "net_bind_service"); every other one
+            is dropped from its bounding, permitted, effective, inheritable
+            and ambient sets, so no exec brings it back. By default
+            DEFAULT_CAPABILITIES (Podman's set: no CAP_SYS_ADMIN, CAP_NET_ADMIN,
+            CAP_NET_RAW or CAP_SYS_PTRACE); ALL_CAPABILITIES or None keep
+            everything root has in the container's user namespace. A name
+            given here that the process does not hold (no "user" namespace,
+            caller not root) fails the start with PermissionError.
 
     Returns:
         The running `Container`.
@@ -624,6 +640,7 @@ async def run_container(
         no_new_privs=no_new_privs,
         pass_fds=pass_fds,
         seccomp=seccomp,
+        capabilities=capabilities,
     )
     stdio = _StdioFds()
     try:

@@ -27,6 +27,7 @@ import anyio
 import attrs
 
 from . import _kernel
+from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
 from ._config import ServiceConfig
 from ._container import (
     Container,
@@ -215,6 +216,13 @@ def _seccomp_policy(instance: object, attribute: attrs.Attribute[Any], value: ob
         raise TypeError(f"seccomp is a SeccompPolicy or None, not {value!r}")
 
 
+def _capabilities(value: Iterable[str] | None) -> frozenset[str] | None:
+    if value is None or value is DEFAULT_CAPABILITIES:
+        return value
+    capability_numbers(value)  # raises for bad names, before anything starts
+    return frozenset(value)
+
+
 def _umask(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
     if value is None:
         return
@@ -271,6 +279,9 @@ class ServiceSpec:
             affected).
         seccomp: the seccomp filter of the service: DEFAULT_SECCOMP, a
             SeccompPolicy of your own, or None.
+        capabilities: the capabilities the service keeps, also after the
+            switch to `user`: DEFAULT_CAPABILITIES, names of your own, or
+            None for all (see `run_container`).
 
     Raises:
         TypeError, ValueError: naming the field and what to pass instead.
@@ -330,6 +341,9 @@ class ServiceSpec:
     )
     seccomp: SeccompPolicy | None = attrs.field(
         default=DEFAULT_SECCOMP, kw_only=True, validator=_seccomp_policy
+    )
+    capabilities: frozenset[str] | None = attrs.field(
+        default=DEFAULT_CAPABILITIES, kw_only=True, converter=_capabilities
     )
 
     def __attrs_post_init__(self) -> None:
@@ -605,6 +619,7 @@ class Service:
             cwd="/",
             no_new_privs=spec.no_new_privs,
             seccomp=spec.seccomp,
+            capabilities=spec.capabilities,
         )
         container_config = attrs.evolve(
             container_config,

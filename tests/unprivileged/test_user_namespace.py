@@ -76,9 +76,15 @@ async def test_locked_mounts_cannot_be_unmounted() -> None:
             raise SystemExit(10 if exc.errno == errno.EINVAL else 11) from None
         raise SystemExit(12)
 
-    assert await ac.call_with_container(try_umount, mounts=[tmpfs]) == 10
+    # Every capability kept, CAP_SYS_ADMIN above all: only the lock stops
+    # the umount (EINVAL, where a missing capability would give EPERM).
+    everything = ac.ALL_CAPABILITIES
+    assert await ac.call_with_container(try_umount, mounts=[tmpfs], capabilities=everything) == 10
     # Without locking, the same umount succeeds.
-    assert await ac.call_with_container(try_umount, mounts=[tmpfs], lock_mounts=False) == 12
+    unlocked = await ac.call_with_container(
+        try_umount, mounts=[tmpfs], lock_mounts=False, capabilities=everything
+    )
+    assert unlocked == 12
 
 
 async def test_missing_bind_source_raises_enoent_in_the_caller(tmp_path: Path) -> None:
@@ -150,3 +156,15 @@ async def test_pid_file_of_a_daemon_in_the_container() -> None:
         pid = await ac.read_pid_file("/run/d.pid", container=box, timeout=5)
         assert pid != box.pid
         assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{box.pid}/ns/pid")
+
+
+async def test_capabilities_without_a_user_namespace() -> None:
+    """Root keeps a capability it asks for; nobody holds none, and asking for one fails."""
+    # The default set keeps what it can: Podman's set for root, nothing for nobody.
+    assert await ac.call_with_container(["true"], namespaces=()) == 0
+    if ROOT:
+        kept = await ac.call_with_container(["true"], namespaces=(), capabilities={"CAP_KILL"})
+        assert kept == 0
+    else:
+        with pytest.raises(PermissionError, match="cannot keep CAP_KILL"):
+            await ac.run_container(["true"], namespaces=(), capabilities={"CAP_KILL"})
