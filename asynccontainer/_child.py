@@ -158,7 +158,11 @@ def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]
         if (service is not None and service.init) or (
             not config.child_is_pid1 and "pid" in config.namespaces
         ):
-            # PID 1 stays as the init; the target runs in its child.
+            # PID 1 stays as the init; the target runs in its child. The
+            # init leaves the caller's session too: a terminal's Ctrl-C
+            # must reach the target only through the caller.
+            if service is None and config.new_session:
+                os.setsid()
             child = os.fork()
             if child != 0:
                 handshake.close()
@@ -206,8 +210,13 @@ def _start_session() -> None:
     """
     os.setsid()
     if os.isatty(0):
-        # tty_ioctl(4): TIOCSCTTY on a terminal that is no session's yet.
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        try:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        except PermissionError:
+            # tty_ioctl(4): the terminal is another session's (the caller's
+            # own, shared through stdin=None); with 0 as its argument the
+            # call never steals it, even with CAP_SYS_ADMIN.
+            pass
 
 
 def _run_target(

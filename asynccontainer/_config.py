@@ -59,7 +59,7 @@ class ContainerConfig:
     child_is_pid1: bool = True
     # The target calls setsid(), and takes a terminal on stdin as its
     # controlling terminal.
-    new_session: bool = False
+    new_session: bool = True
     # Send the caller an O_PATH fd of the container's root with the ready
     # reply: files inside stay reachable after the first process exits.
     send_root: bool = False

@@ -388,7 +388,7 @@ def _build(
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str],
     child_is_pid1: bool = True,
-    new_session: bool = False,
+    new_session: bool = True,
     no_new_privs: bool = True,
     pass_fds: Iterable[int] = (),
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
@@ -533,7 +533,7 @@ async def run_container(
     stdout: Stdio = None,
     stderr: Stdio = None,
     child_is_pid1: bool = True,
-    new_session: bool = False,
+    new_session: bool = True,
     no_new_privs: bool = True,
     pass_fds: Iterable[int] = (),
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
@@ -582,9 +582,13 @@ async def run_container(
             small init there that relays SIGINT, SIGTERM, SIGHUP, SIGUSR1,
             SIGUSR2 and SIGQUIT to the target (PID 2), reaps orphans, and
             exits with the target's status (128+N for a signal).
-        new_session: the target calls setsid(), as subprocess's
-            start_new_session, and takes a terminal on its stdin (a pty the
-            caller made for it) as its controlling terminal.
+        new_session: True (the default) makes the target call setsid(), as
+            subprocess's start_new_session: in a session of its own it
+            cannot reach the caller's terminal (TIOCSTI to push keystrokes
+            into it, signals from its keyboard). A terminal on its stdin
+            that is no session's yet (a pty made for it, as the CLI does)
+            becomes its controlling terminal, with job control. False
+            leaves it in the caller's session and process group.
         no_new_privs: True (the default) sets PR_SET_NO_NEW_PRIVS on the
             target: setuid bits and file capabilities of what it executes
             grant nothing.
