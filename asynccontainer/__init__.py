@@ -30,6 +30,7 @@ _EXPORTS = {
     "run_container": "_container",
     "ALL_CAPABILITIES": "_capabilities",
     "DEFAULT_CAPABILITIES": "_capabilities",
+    "ResourceUsage": "_cgroups",
     "ContainerError": "_errors",
     "container_excursion": "_excursion",
     "container_excursion_value": "_excursion",
@@ -76,6 +77,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
+    from ._cgroups import ResourceUsage
     from ._client import shutdown_fork_server
     from ._container import Container, Target, call_with_container, run_container
     from ._errors import ContainerError
@@ -126,6 +128,7 @@ __all__ = [
     "FileSystem",
     "FileSystemMapping",
     "MountItem",
+    "ResourceUsage",
     "SeccompPolicy",
     "Service",
     "ServiceGroup",

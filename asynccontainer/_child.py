@@ -151,6 +151,10 @@ def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]
             handshake = socket.socket(
                 socket.AF_UNIX, socket.SOCK_STREAM, 0, _lift(handshake.detach(), floor)
             )
+        if config.cgroup_namespace:
+            # cgroup_namespaces(7): the new namespace's root is the cgroup
+            # the process is in, which the server made for it.
+            _kernel.unshare(_kernel.CLONE_NEWCGROUP)
         target = _set_up(config, stdio)
         if config.pass_fds:
             _install_passed_fds(passed, config.pass_fds)

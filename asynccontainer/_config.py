@@ -74,6 +74,9 @@ class ContainerConfig:
     # The fd numbers, in the container, of the fds sent after the three of
     # stdio (subprocess's pass_fds).
     pass_fds: tuple[int, ...] = ()
+    # Unshare the cgroup namespace in the child, once the server has moved
+    # it into its cgroups (limits=), so that its root is the container's own.
+    cgroup_namespace: bool = False
     # Set for the containers of services (ServiceGroup.start).
     service: ServiceConfig | None = None
 

@@ -20,9 +20,11 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeAlias
 
 import anyio
+import attrs
 
 from . import _kernel
 from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
+from ._cgroups import ResourceUsage, check_limits, plan_cgroups
 from ._client import (
     AsyncFrameChannel,
     rebuild_exception,
@@ -81,6 +83,7 @@ class Container:
         self._returncode: int | None = None
         self._wait_lock = anyio.Lock()
         self._root_fd: int | None = None
+        self._usage: ResourceUsage | None = None
 
     def _set_root(self, fd: int) -> None:
         if self._root_fd is not None:
@@ -96,6 +99,15 @@ class Container:
     def returncode(self) -> int | None:
         """None while running; then the exit code, or -N if signal N killed it."""
         return self._returncode
+
+    @property
+    def usage(self) -> ResourceUsage | None:
+        """What the container used (CPU time, memory peak, OOM kills), once it has exited.
+
+        None while it runs, and for a container started without `limits=`
+        (pass `limits={}` to account without limiting).
+        """
+        return self._usage
 
     def __repr__(self) -> str:
         state = "running" if self._returncode is None else f"returncode={self._returncode}"
@@ -120,6 +132,7 @@ class Container:
                     self._finish(-signal.SIGKILL)
                     raise
                 if isinstance(message, Exited):
+                    self._usage = message.usage
                     self._finish(message.returncode)
         return self._returncode
 
@@ -393,6 +406,7 @@ def _build(
     pass_fds: Iterable[int] = (),
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
     capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
+    limits: Mapping[str, object] | None = None,
 ) -> tuple[ContainerConfig, SpawnRequest]:
     """Check every argument of run_container and return what is sent.
 
@@ -482,6 +496,17 @@ def _build(
             raise ValueError(
                 f"hostname {hostname!r} must be 1 to {_HOST_NAME_MAX} bytes without NUL"
             )
+    cgroup_limits = None
+    if limits is not None:
+        cgroup_limits = check_limits(limits)
+        if "pid" not in names:
+            raise ValueError(
+                "limits= needs the 'pid' namespace, so that every process of the container "
+                "ends with it and its cgroups can be removed; add 'pid' to namespaces"
+            )
+        # Unwritable cgroups or a missing controller, reported before the
+        # spawn; the server checks again as it creates them.
+        plan_cgroups(cgroup_limits)
     cwd_path = os.fspath(cwd)
     if not isinstance(cwd_path, str) or not cwd_path.startswith("/"):
         raise ValueError(f"cwd {cwd!r} must be an absolute path inside the container")
@@ -510,7 +535,12 @@ def _build(
         # without a user namespace holds none of it.
         capabilities_required=capabilities is not DEFAULT_CAPABILITIES,
     )
-    return config, SpawnRequest(namespace_clone_flags(names), id_map)
+    flags = namespace_clone_flags(names)
+    if cgroup_limits is not None and "cgroup" in names:
+        # The child unshares it once it is in its own cgroups (see _cgroups).
+        flags &= ~_kernel.CLONE_NEWCGROUP
+        config = attrs.evolve(config, cgroup_namespace=True)
+    return config, SpawnRequest(flags, id_map, cgroup_limits)
 
 
 async def run_container(
@@ -538,6 +568,7 @@ async def run_container(
     pass_fds: Iterable[int] = (),
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
     capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
+    limits: Mapping[str, object] | None = None,
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -608,6 +639,16 @@ async def run_container(
             everything root has in the container's user namespace. A name
             given here that the process does not hold (no "user" namespace,
             caller not root) fails the start with PermissionError.
+        limits: cgroup limits, such as {"memory": "256M", "pids": 64,
+            "cpu": 0.5}: "memory" in bytes or with K, M, G (the container's
+            processes are OOM-killed beyond it, never swapped), "pids" the
+            most tasks at once (fork fails with EAGAIN beyond it), "cpu" in
+            CPUs (a quota per 100 ms period), "cpu_weight" from 1 to 10000
+            (100 is an even share). Needs "pid" in namespaces. The container
+            gets cgroups of its own (v2, or v1 per controller where v2 lacks
+            it), removed when it exits, and with "cgroup" sees only its own
+            tree. `Container.usage` then reports what it used; `{}` accounts
+            without limiting.
 
     Returns:
         The running `Container`.
@@ -620,6 +661,9 @@ async def run_container(
             traceback as a note; FileNotFoundError or PermissionError when
             the command cannot be executed, as subprocess raises them.
         ContainerError: when the fork server fails or dies.
+        PermissionError, OSError: for `limits=`, before anything is spawned,
+            when this process may not create cgroups (not root, no
+            delegated cgroup) or no hierarchy offers a controller (ENOTSUP).
 
     Cancellation: if cancelled, the container (if it was created) is killed
     and reaped before the cancellation propagates.
@@ -645,6 +689,7 @@ async def run_container(
         pass_fds=pass_fds,
         seccomp=seccomp,
         capabilities=capabilities,
+        limits=limits,
     )
     stdio = _StdioFds()
     try:

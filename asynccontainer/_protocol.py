@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import attrs
 import cloudpickle
 
+from ._cgroups import CgroupLimits, ResourceUsage
+
 __all__ = [
     "MAX_FDS",
     "ContainerSetup",
@@ -77,6 +79,8 @@ class SpawnRequest:
 
     clone_flags: int
     id_map: IdMap | None
+    # cgroups to create and move the child into before its go.
+    limits: CgroupLimits | None = None
 
 
 @attrs.frozen
@@ -127,6 +131,8 @@ class Exited:
     """Server to caller: the container process was reaped with this returncode."""
 
     returncode: int
+    # Read from its cgroups, for a container with limits=.
+    usage: ResourceUsage | None = None
 
 
 @attrs.frozen

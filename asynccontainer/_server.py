@@ -35,6 +35,7 @@ from typing import NoReturn
 import cloudpickle  # noqa: F401
 
 from . import _kernel
+from ._cgroups import ContainerCgroup, remove_server_tree, sweep_stale
 from ._child import container_main
 from ._namespaces import write_id_maps
 from ._protocol import (
@@ -64,6 +65,8 @@ class _Server:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The container's status socket, by PID, until it is reaped.
         self.status: dict[int, socket.socket] = {}
+        # The cgroups of containers with limits, by PID, until reaped.
+        self.cgroups: dict[int, ContainerCgroup] = {}
         # Children cloned ahead of need ("zygotes"), by clone flags: (PID, go
         # socket). Cloning is the costliest step of a start (page tables,
         # namespaces, the child's first scheduling); done while the server
@@ -194,6 +197,11 @@ class _Server:
                     host_gid=os.getegid(),
                     count=request.id_map.count,
                 )
+            if request.limits is not None:
+                # Before the go: nothing of the container runs outside them.
+                cgroup = ContainerCgroup(request.limits, os.getpid(), f"c{pid}")
+                self.cgroups[pid] = cgroup
+                cgroup.add(pid)
             # The child cannot be reaped before this loop calls waitpid, so
             # its PID cannot have been recycled yet: the pidfd is the child's.
             pidfd = _kernel.pidfd_open(pid)
@@ -228,10 +236,7 @@ class _Server:
                 return
             if pid == 0:
                 return
-            status = self.status.pop(pid, None)
-            if status is not None:
-                self.send(status, Exited(os.waitstatus_to_exitcode(wait_status)))
-                status.close()
+            self.report_exit(pid, wait_status)
             for flags, (zygote, _) in list(self.zygotes.items()):
                 if zygote == pid:
                     self.discard_zygote(flags)  # killed from outside
@@ -252,10 +257,23 @@ class _Server:
                 pid, wait_status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
-            status = self.status.pop(pid, None)
-            if status is not None:
-                self.send(status, Exited(os.waitstatus_to_exitcode(wait_status)))
-                status.close()
+            self.report_exit(pid, wait_status)
+        remove_server_tree(os.getpid())
+
+    def report_exit(self, pid: int, wait_status: int) -> None:
+        """Send a reaped container's exit (and usage) to its caller; remove its cgroups."""
+        cgroup = self.cgroups.pop(pid, None)
+        usage = None
+        if cgroup is not None:
+            try:
+                usage = cgroup.usage()
+            except (OSError, ValueError):
+                pass  # a cgroup removed from outside: no usage to report
+            cgroup.remove()
+        status = self.status.pop(pid, None)
+        if status is not None:
+            self.send(status, Exited(os.waitstatus_to_exitcode(wait_status), usage))
+            status.close()
 
 
 def serve(control_fd: int, parent_pid: int, die_with_parent: bool) -> NoReturn:
@@ -274,6 +292,8 @@ def serve(control_fd: int, parent_pid: int, die_with_parent: bool) -> NoReturn:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # What servers killed before their shutdown left behind.
+    sweep_stale()
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
     _Server(control).run()

@@ -28,6 +28,7 @@ import attrs
 
 from . import _kernel
 from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
+from ._cgroups import ResourceUsage, check_limits
 from ._config import ServiceConfig
 from ._container import (
     Container,
@@ -223,6 +224,13 @@ def _capabilities(value: Iterable[str] | None) -> frozenset[str] | None:
     return frozenset(value)
 
 
+def _limits(value: Mapping[str, object] | None) -> tuple[tuple[str, object], ...] | None:
+    if value is None:
+        return None
+    check_limits(value)  # raises for bad limits, before anything starts
+    return tuple(dict(value).items())
+
+
 def _umask(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
     if value is None:
         return
@@ -282,6 +290,9 @@ class ServiceSpec:
         capabilities: the capabilities the service keeps, also after the
             switch to `user`: DEFAULT_CAPABILITIES, names of your own, or
             None for all (see `run_container`).
+        limits: cgroup limits, as `run_container`'s ({"memory": "256M",
+            "pids": 64, "cpu": 0.5, "cpu_weight": 100}); needs "pid" in
+            namespaces. `Service.usage` reports what the last run used.
 
     Raises:
         TypeError, ValueError: naming the field and what to pass instead.
@@ -345,6 +356,9 @@ class ServiceSpec:
     capabilities: frozenset[str] | None = attrs.field(
         default=DEFAULT_CAPABILITIES, kw_only=True, converter=_capabilities
     )
+    limits: tuple[tuple[str, object], ...] | None = attrs.field(
+        default=None, kw_only=True, converter=_limits
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.name is None:
@@ -355,6 +369,11 @@ class ServiceSpec:
             for key, value in self.environment:
                 if not isinstance(key, str) or not isinstance(value, str) or "=" in key:
                     raise ValueError(f"environment variable {key!r}={value!r} is not valid")
+        if self.limits is not None and "pid" not in self.namespaces:
+            raise ValueError(
+                "limits= needs the 'pid' namespace, so that every process of the service "
+                "ends with it and its cgroups can be removed; add 'pid' to namespaces"
+            )
 
 
 def _lookup_user(user: str) -> pwd.struct_passwd:
@@ -544,6 +563,14 @@ class Service:
             return 0.0
         return time.monotonic() - self._started_at
 
+    @property
+    def usage(self) -> ResourceUsage | None:
+        """What the last run used (CPU time, memory peak, OOM kills), once it ended.
+
+        None while it runs, and without `limits=` in its spec.
+        """
+        return None if self._container is None else self._container.usage
+
     def __repr__(self) -> str:
         state = "running" if self.running else ("disabled" if self.disabled else "stopped")
         return f"<Service {self.name!r} pid={self._pid} {state}>"
@@ -620,6 +647,7 @@ class Service:
             no_new_privs=spec.no_new_privs,
             seccomp=spec.seccomp,
             capabilities=spec.capabilities,
+            limits=None if spec.limits is None else dict(spec.limits),
         )
         container_config = attrs.evolve(
             container_config,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import inspect
 import os
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from procfs import children_of, containers_of
 
-from asynccontainer import _client
+from asynccontainer import _cgroups, _client
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -89,6 +90,15 @@ def temp_entries() -> set[str]:
     return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith("pytest-of-")}
 
 
+def container_cgroups() -> set[str]:
+    """Return the containers' cgroup directories (limits=) in every hierarchy."""
+    found = set()
+    for hierarchy in _cgroups._hierarchies():
+        for base in glob.glob(os.path.join(hierarchy.own, "asynccontainer-*")):
+            found.update(p for p in glob.glob(os.path.join(base, "*")) if os.path.isdir(p))
+    return found
+
+
 def fork_server_details() -> tuple[int | None, int | None]:
     server = _client._server
     if server is None or not server.alive():
@@ -103,6 +113,7 @@ def nothing_leaks() -> Iterator[None]:
     children_before = children_of(os.getpid())
     mounts_before = mount_table()
     temp_before = temp_entries()
+    cgroups_before = container_cgroups()
     server_before, _ = fork_server_details()
     containers_before = containers_of(server_before) if server_before else set()
     yield
@@ -134,6 +145,9 @@ def nothing_leaks() -> Iterator[None]:
         problems.append(f"file descriptors left open: {new_fds}")
     if mount_table() != mounts_before:
         problems.append("the host's mount table changed")
+    new_cgroups = container_cgroups() - cgroups_before
+    if new_cgroups:
+        problems.append(f"cgroups left: {sorted(new_cgroups)}")
     new_temp = temp_entries() - temp_before
     if new_temp:
         problems.append(f"temporary files left in {tempfile.gettempdir()}: {sorted(new_temp)}")
