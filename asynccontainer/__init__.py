@@ -31,6 +31,7 @@ _EXPORTS = {
     "ALL_CAPABILITIES": "_capabilities",
     "DEFAULT_CAPABILITIES": "_capabilities",
     "ResourceUsage": "_cgroups",
+    "VethNetwork": "_network",
     "ContainerError": "_errors",
     "container_excursion": "_excursion",
     "container_excursion_value": "_excursion",
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
         unprivileged_user_namespace_supported,
         user_namespace_supported,
     )
+    from ._network import VethNetwork
     from ._pidfile import read_pid_file
     from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
     from ._services import (
@@ -136,6 +138,7 @@ __all__ = [
     "Symlink",
     "Target",
     "UnknownAccountError",
+    "VethNetwork",
     "call_with_container",
     "container_excursion",
     "container_excursion_value",

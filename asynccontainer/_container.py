@@ -35,6 +35,7 @@ from ._config import ContainerConfig
 from ._errors import ContainerError
 from ._filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
 from ._namespaces import NAMESPACES, namespace_clone_flags, normalize_namespaces
+from ._network import VethNetwork, check_network
 from ._protocol import (
     MAX_FDS,
     ContainerSetup,
@@ -84,6 +85,7 @@ class Container:
         self._wait_lock = anyio.Lock()
         self._root_fd: int | None = None
         self._usage: ResourceUsage | None = None
+        self._network: VethNetwork | None = None
 
     def _set_root(self, fd: int) -> None:
         if self._root_fd is not None:
@@ -99,6 +101,11 @@ class Container:
     def returncode(self) -> int | None:
         """None while running; then the exit code, or -N if signal N killed it."""
         return self._returncode
+
+    @property
+    def network(self) -> VethNetwork | None:
+        """The veth pair's names and addresses with `network="veth"`; else None."""
+        return self._network
 
     @property
     def usage(self) -> ResourceUsage | None:
@@ -407,6 +414,7 @@ def _build(
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
     capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
     limits: Mapping[str, object] | None = None,
+    network: str | None = None,
 ) -> tuple[ContainerConfig, SpawnRequest]:
     """Check every argument of run_container and return what is sent.
 
@@ -540,7 +548,7 @@ def _build(
         # The child unshares it once it is in its own cgroups (see _cgroups).
         flags &= ~_kernel.CLONE_NEWCGROUP
         config = attrs.evolve(config, cgroup_namespace=True)
-    return config, SpawnRequest(flags, id_map, cgroup_limits)
+    return config, SpawnRequest(flags, id_map, cgroup_limits, check_network(network, names))
 
 
 async def run_container(
@@ -569,6 +577,7 @@ async def run_container(
     seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
     capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
     limits: Mapping[str, object] | None = None,
+    network: str | None = None,
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -649,6 +658,11 @@ async def run_container(
             it), removed when it exits, and with "cgroup" sees only its own
             tree. `Container.usage` then reports what it used; `{}` accounts
             without limiting.
+        network: None (only loopback, with "net"), or "veth": a veth pair
+            to the host on a private /30 (root only; needs "net" and
+            pyroute2), with the container's default route through the
+            host end; `Container.network` has the addresses. It is deleted
+            when the container exits.
 
     Returns:
         The running `Container`.
@@ -690,6 +704,7 @@ async def run_container(
         seccomp=seccomp,
         capabilities=capabilities,
         limits=limits,
+        network=network,
     )
     stdio = _StdioFds()
     try:
@@ -757,7 +772,9 @@ async def start_process(
                 await _drain(status, kill=True)
         status.close()
         raise
-    return Container(message.pid, pidfd, status), handshake
+    container = Container(message.pid, pidfd, status)
+    container._network = message.network
+    return container, handshake
 
 
 async def next_reply(handshake: AsyncFrameChannel, keep: list[int] | None = None) -> object | None:

@@ -36,6 +36,7 @@ import attrs
 import cloudpickle
 
 from ._cgroups import CgroupLimits, ResourceUsage
+from ._network import VethNetwork
 
 __all__ = [
     "MAX_FDS",
@@ -81,6 +82,8 @@ class SpawnRequest:
     id_map: IdMap | None
     # cgroups to create and move the child into before its go.
     limits: CgroupLimits | None = None
+    # "veth": a veth pair to the host, made before its go.
+    network: str | None = None
 
 
 @attrs.frozen
@@ -117,6 +120,7 @@ class Forked:
     """Server to caller: the container process exists (fds: a pidfd for it)."""
 
     pid: int
+    network: VethNetwork | None = None
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ through PR_SET_PDEATHSIG, and its containers die with it the same way.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pickle
 import resource
@@ -38,6 +39,7 @@ from . import _kernel
 from ._cgroups import ContainerCgroup, remove_server_tree, sweep_stale
 from ._child import container_main
 from ._namespaces import write_id_maps
+from ._network import VethNetwork, create_veth, delete_veth
 from ._protocol import (
     ExceptionInfo,
     Exited,
@@ -67,6 +69,9 @@ class _Server:
         self.status: dict[int, socket.socket] = {}
         # The cgroups of containers with limits, by PID, until reaped.
         self.cgroups: dict[int, ContainerCgroup] = {}
+        # The veth pairs of containers with network="veth", by PID.
+        self.veths: dict[int, VethNetwork] = {}
+        self.subnets: set[ipaddress.IPv4Network] = set()
         # Children cloned ahead of need ("zygotes"), by clone flags: (PID, go
         # socket). Cloning is the costliest step of a start (page tables,
         # namespaces, the child's first scheduling); done while the server
@@ -202,11 +207,14 @@ class _Server:
                 cgroup = ContainerCgroup(request.limits, os.getpid(), f"c{pid}")
                 self.cgroups[pid] = cgroup
                 cgroup.add(pid)
+            network = None
+            if request.network == "veth":
+                network = self.veths[pid] = create_veth(pid, self.subnets)
             # The child cannot be reaped before this loop calls waitpid, so
             # its PID cannot have been recycled yet: the pidfd is the child's.
             pidfd = _kernel.pidfd_open(pid)
             try:
-                sent = self.send(status, Forked(pid), [pidfd])
+                sent = self.send(status, Forked(pid, network), [pidfd])
             finally:
                 os.close(pidfd)
             if not sent:
@@ -262,6 +270,13 @@ class _Server:
 
     def report_exit(self, pid: int, wait_status: int) -> None:
         """Send a reaped container's exit (and usage) to its caller; remove its cgroups."""
+        veth = self.veths.pop(pid, None)
+        if veth is not None:
+            try:
+                delete_veth(veth.host_interface)
+            except Exception:
+                pass  # gone with the namespace already
+            self.subnets.discard(ipaddress.IPv4Interface(f"{veth.host_address}/30").network)
         cgroup = self.cgroups.pop(pid, None)
         usage = None
         if cgroup is not None:

@@ -47,6 +47,7 @@ from ._filesystems import (
     Symlink,
 )
 from ._namespaces import NAMESPACES, normalize_namespaces
+from ._network import VethNetwork, check_network
 from ._pidfile import PidTranslator, wait_for_pid_file
 from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
 
@@ -293,6 +294,9 @@ class ServiceSpec:
         limits: cgroup limits, as `run_container`'s ({"memory": "256M",
             "pids": 64, "cpu": 0.5, "cpu_weight": 100}); needs "pid" in
             namespaces. `Service.usage` reports what the last run used.
+        network: None, or "veth" for a veth pair to the host (with "net"
+            in namespaces; see `run_container`); `Service.network` has its
+            addresses.
 
     Raises:
         TypeError, ValueError: naming the field and what to pass instead.
@@ -359,6 +363,7 @@ class ServiceSpec:
     limits: tuple[tuple[str, object], ...] | None = attrs.field(
         default=None, kw_only=True, converter=_limits
     )
+    network: str | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.name is None:
@@ -369,6 +374,7 @@ class ServiceSpec:
             for key, value in self.environment:
                 if not isinstance(key, str) or not isinstance(value, str) or "=" in key:
                     raise ValueError(f"environment variable {key!r}={value!r} is not valid")
+        check_network(self.network, self.namespaces)
         if self.limits is not None and "pid" not in self.namespaces:
             raise ValueError(
                 "limits= needs the 'pid' namespace, so that every process of the service "
@@ -564,6 +570,11 @@ class Service:
         return time.monotonic() - self._started_at
 
     @property
+    def network(self) -> VethNetwork | None:
+        """The current run's veth pair, with `network="veth"` in its spec; else None."""
+        return None if self._container is None else self._container.network
+
+    @property
     def usage(self) -> ResourceUsage | None:
         """What the last run used (CPU time, memory peak, OOM kills), once it ended.
 
@@ -648,6 +659,7 @@ class Service:
             seccomp=spec.seccomp,
             capabilities=spec.capabilities,
             limits=None if spec.limits is None else dict(spec.limits),
+            network=spec.network,
         )
         container_config = attrs.evolve(
             container_config,

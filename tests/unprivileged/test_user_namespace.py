@@ -168,3 +168,15 @@ async def test_capabilities_without_a_user_namespace() -> None:
     else:
         with pytest.raises(PermissionError, match="cannot keep CAP_KILL"):
             await ac.run_container(["true"], namespaces=(), capabilities={"CAP_KILL"})
+
+
+async def test_veth_network_takes_root() -> None:
+    """Root gets a veth pair; nobody is told, before anything is spawned, that it takes root."""
+    if ROOT:
+        container = await ac.run_container(["true"], mounts=SYSTEM, network="veth")
+        async with container:
+            assert container.network is not None
+            assert await container.wait() == 0
+    else:
+        with pytest.raises(PermissionError, match="only root"):
+            await ac.run_container(["true"], network="veth")
