@@ -457,7 +457,13 @@ def _exit_like(status: int) -> NoReturn:
     """Exit with the same wait status as the child that ended with `status`."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
+        try:
+            # SIGKILL and SIGSTOP cannot be given a disposition (EINVAL),
+            # and need none: they are never caught.
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        except BaseException:
+            pass  # never unwind into the fork server's frames
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))

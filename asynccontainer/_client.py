@@ -74,6 +74,7 @@ class ForkServer:
                 pass_fds=[server_end.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                env=_server_environment(),
             )
         except BaseException:
             caller_end.close()
@@ -146,6 +147,16 @@ def _at_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_at_fork_in_child)
+
+
+def _server_environment() -> dict[str, str]:
+    """Return the fork server's environment: nothing of the caller's but the loader's path.
+
+    A callable target is a fork of the server, never exec'd: the server's
+    initial environment is what its /proc/self/environ shows, whatever
+    `env=` says. The interpreter may need LD_LIBRARY_PATH to start at all.
+    """
+    return {key: os.environ[key] for key in ("LD_LIBRARY_PATH",) if key in os.environ}
 
 
 def _shut_down_at_exit() -> None:

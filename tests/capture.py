@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -36,3 +41,13 @@ async def sh(script: str, **keywords: Any) -> tuple[int, str]:
     """Run a shell script with the host's programs mapped; return (returncode, stdout)."""
     keywords.setdefault("mounts", ac.HOST_SYSTEM_MAPPINGS)
     return await output_of(["sh", "-c", script], **keywords)
+
+
+@contextlib.contextmanager
+def outside_tmp_directory() -> Iterator[Path]:
+    """Yield a fresh host directory in /var/tmp: outside /tmp, which the set-up covers."""
+    directory = tempfile.mkdtemp(prefix="asynccontainer-test-", dir="/var/tmp")
+    try:
+        yield Path(directory)
+    finally:
+        shutil.rmtree(directory)

@@ -228,3 +228,18 @@ async def test_excursion_process_is_not_dumpable(box: ac.Container) -> None:
         return _kernel.prctl(_kernel.PR_GET_DUMPABLE)
 
     assert await ac.container_excursion_value(box, dumpable) == 0
+
+
+async def test_excursion_killed_with_its_container_reports_sigkill() -> None:
+    """The container's end SIGKILLs the excursion's command: -9, not an error of the helper."""
+    container = await ac.run_container(["sleep", "60"], mounts=ac.HOST_SYSTEM_MAPPINGS)
+    async with container, anyio.create_task_group() as group:
+        results: list[int] = []
+
+        async def enter() -> None:
+            results.append(await ac.container_excursion(container.pid, ["sleep", "30"]))
+
+        group.start_soon(enter)
+        await anyio.sleep(0.5)
+        container.kill()
+    assert results == [-9]
