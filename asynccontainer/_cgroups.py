@@ -42,10 +42,13 @@ import attrs
 __all__ = [
     "CgroupLimits",
     "ContainerCgroup",
+    "Hierarchy",
     "ResourceUsage",
     "check_limits",
+    "hierarchies",
     "plan_cgroups",
     "remove_server_tree",
+    "require_pid_namespace",
     "sweep_stale",
 ]
 
@@ -124,6 +127,20 @@ def _positive_int(name: str, value: object, largest: int) -> int:
     return value
 
 
+def require_pid_namespace(namespaces: frozenset[str]) -> None:
+    """Check that a container with `limits=` has a pid namespace.
+
+    Raises:
+        ValueError: without "pid": processes could outlive the container
+            and keep its cgroups from being removed.
+    """
+    if "pid" not in namespaces:
+        raise ValueError(
+            "limits= needs the 'pid' namespace, so that every process of the container "
+            "ends with it and its cgroups can be removed; add 'pid' to namespaces"
+        )
+
+
 def check_limits(limits: Mapping[str, object]) -> CgroupLimits:
     """Check a `limits=` mapping and return it as CgroupLimits.
 
@@ -159,7 +176,7 @@ def check_limits(limits: Mapping[str, object]) -> CgroupLimits:
 
 
 @attrs.frozen
-class _Hierarchy:
+class Hierarchy:
     """A mounted cgroup hierarchy: v2, or v1 with its controllers."""
 
     mount_point: str
@@ -177,7 +194,7 @@ def _controller_names() -> frozenset[str]:
         )
 
 
-def _hierarchies() -> list[_Hierarchy]:
+def hierarchies() -> list[Hierarchy]:
     """Return every cgroup hierarchy mounted here, with this process's cgroup in each."""
     known = _controller_names()
     paths: dict[frozenset[str], str] = {}
@@ -215,24 +232,27 @@ def _hierarchies() -> list[_Hierarchy]:
             else:
                 controllers = frozenset(name for name in key if "=" not in name)
             version = 2 if fstype == "cgroup2" else 1
-            result.append(_Hierarchy(mount_point, version, controllers, own))
+            result.append(Hierarchy(mount_point, version, controllers, own))
     return result
 
 
-def plan_cgroups(limits: CgroupLimits) -> list[_Hierarchy]:
+def plan_cgroups(limits: CgroupLimits, mounted: list[Hierarchy] | None = None) -> list[Hierarchy]:
     """Choose the hierarchies a container with `limits` needs (v2 first, then v1).
+
+    `mounted` is what `hierarchies()` returns, read here when None.
 
     Raises:
         OSError: a controller that no hierarchy offers (ENOTSUP), or a
             cgroup this process may not write to (EACCES).
     """
-    hierarchies = _hierarchies()
-    v2 = next((h for h in hierarchies if h.version == 2), None)
-    chosen: list[_Hierarchy] = [v2] if v2 is not None else []
+    if mounted is None:
+        mounted = hierarchies()
+    v2 = next((h for h in mounted if h.version == 2), None)
+    chosen: list[Hierarchy] = [v2] if v2 is not None else []
     for controller in limits.controllers():
         if v2 is not None and controller in v2.controllers:
             continue
-        v1 = next((h for h in hierarchies if h.version == 1 and controller in h.controllers), None)
+        v1 = next((h for h in mounted if h.version == 1 and controller in h.controllers), None)
         if v1 is None:
             if controller == "memory" and limits.memory is None:
                 continue  # only wanted for accounting
@@ -245,7 +265,7 @@ def plan_cgroups(limits: CgroupLimits) -> list[_Hierarchy]:
             chosen.append(v1)
     if v2 is None:
         # CPU time from v1's cpuacct, when there is no v2 cpu.stat.
-        cpuacct = next((h for h in hierarchies if "cpuacct" in h.controllers), None)
+        cpuacct = next((h for h in mounted if "cpuacct" in h.controllers), None)
         if cpuacct is not None and cpuacct not in chosen:
             chosen.append(cpuacct)
     for hierarchy in chosen:
@@ -284,11 +304,13 @@ def _keyed(text: str | None, key: str) -> int | None:
 class ContainerCgroup:
     """The cgroups of one container, in the server: created, filled, read, removed."""
 
-    def __init__(self, limits: CgroupLimits, server_pid: int, name: str) -> None:
+    def __init__(
+        self, limits: CgroupLimits, server_pid: int, name: str, mounted: list[Hierarchy]
+    ) -> None:
         self.limits = limits
-        self.directories: list[tuple[_Hierarchy, str]] = []
+        self.directories: list[tuple[Hierarchy, str]] = []
         try:
-            for hierarchy in plan_cgroups(limits):
+            for hierarchy in plan_cgroups(limits, mounted):
                 base = os.path.join(hierarchy.own, f"{_PREFIX}{server_pid}")
                 os.makedirs(base, exist_ok=True)
                 directory = os.path.join(base, name)
@@ -301,7 +323,7 @@ class ContainerCgroup:
             self.remove()
             raise
 
-    def _apply(self, hierarchy: _Hierarchy, directory: str) -> None:
+    def _apply(self, hierarchy: Hierarchy, directory: str) -> None:
         limits = self.limits
         controllers = hierarchy.controllers
         v2 = hierarchy.version == 2
@@ -376,7 +398,7 @@ class ContainerCgroup:
         self.directories.clear()
 
 
-def _enable_v2_controllers(hierarchy: _Hierarchy, base: str, limits: CgroupLimits) -> None:
+def _enable_v2_controllers(hierarchy: Hierarchy, base: str, limits: CgroupLimits) -> None:
     """Enable the v2 controllers the limits need in the server's sub-tree.
 
     A controller is usable in a cgroup only if its parent enables it in
@@ -434,9 +456,9 @@ def remove_server_tree(server_pid: int) -> None:
             pass
 
 
-def _safe_hierarchies() -> list[_Hierarchy]:
+def _safe_hierarchies() -> list[Hierarchy]:
     try:
-        return _hierarchies()
+        return hierarchies()
     except OSError:
         return []
 

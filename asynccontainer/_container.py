@@ -24,7 +24,7 @@ import attrs
 
 from . import _kernel
 from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
-from ._cgroups import ResourceUsage, check_limits, plan_cgroups
+from ._cgroups import ResourceUsage, check_limits, plan_cgroups, require_pid_namespace
 from ._client import (
     AsyncFrameChannel,
     rebuild_exception,
@@ -507,11 +507,7 @@ def _build(
     cgroup_limits = None
     if limits is not None:
         cgroup_limits = check_limits(limits)
-        if "pid" not in names:
-            raise ValueError(
-                "limits= needs the 'pid' namespace, so that every process of the container "
-                "ends with it and its cgroups can be removed; add 'pid' to namespaces"
-            )
+        require_pid_namespace(names)
         # Unwritable cgroups or a missing controller, reported before the
         # spawn; the server checks again as it creates them.
         plan_cgroups(cgroup_limits)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,6 +57,11 @@ class VethNetwork:
     host_address: str
     container_address: str
     prefixlen: int = 30
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        """The pair's /30."""
+        return ipaddress.IPv4Interface(f"{self.host_address}/{self.prefixlen}").network
 
 
 def check_network(network: str | None, namespaces: frozenset[str]) -> str | None:
@@ -128,7 +133,7 @@ def _in_network_namespace(pid: int) -> Iterator[None]:
         os.close(home)
 
 
-def _free_subnet(ipr: Any, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+def _free_subnet(ipr: Any, taken: Set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
     in_use = [
         ipaddress.IPv4Interface(f"{message.get_attr('IFA_ADDRESS')}/{message['prefixlen']}")
         for message in ipr.get_addr(family=2)
@@ -142,8 +147,8 @@ def _free_subnet(ipr: Any, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4N
     raise OSError(errno.EADDRNOTAVAIL, f"no free /30 left in {_POOL} for a veth pair")
 
 
-def create_veth(pid: int, taken: set[ipaddress.IPv4Network]) -> VethNetwork:
-    """Give the container `pid` a veth pair to the host; add its subnet to `taken`.
+def create_veth(pid: int, taken: Set[ipaddress.IPv4Network]) -> VethNetwork:
+    """Give the container `pid` a veth pair to the host, on a /30 not in `taken`.
 
     Raises:
         OSError: from netlink (EEXIST, EPERM ...), or EADDRNOTAVAIL when the
@@ -171,7 +176,6 @@ def create_veth(pid: int, taken: set[ipaddress.IPv4Network]) -> VethNetwork:
         except BaseException:
             delete_veth(host_interface)
             raise
-    taken.add(subnet)
     return VethNetwork(host_interface, str(host), str(container))
 
 

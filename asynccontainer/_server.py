@@ -20,7 +20,6 @@ through PR_SET_PDEATHSIG, and its containers die with it the same way.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import pickle
 import resource
@@ -36,7 +35,7 @@ from typing import NoReturn
 import cloudpickle  # noqa: F401
 
 from . import _kernel
-from ._cgroups import ContainerCgroup, remove_server_tree, sweep_stale
+from ._cgroups import ContainerCgroup, Hierarchy, hierarchies, remove_server_tree, sweep_stale
 from ._child import container_main
 from ._namespaces import write_id_maps
 from ._network import VethNetwork, create_veth, delete_veth
@@ -71,7 +70,9 @@ class _Server:
         self.cgroups: dict[int, ContainerCgroup] = {}
         # The veth pairs of containers with network="veth", by PID.
         self.veths: dict[int, VethNetwork] = {}
-        self.subnets: set[ipaddress.IPv4Network] = set()
+        # The cgroup hierarchies and the server's cgroup in each, read on
+        # the first limits= request: the server is never moved.
+        self.hierarchies: list[Hierarchy] | None = None
         # Children cloned ahead of need ("zygotes"), by clone flags: (PID, go
         # socket). Cloning is the costliest step of a start (page tables,
         # namespaces, the child's first scheduling); done while the server
@@ -204,12 +205,15 @@ class _Server:
                 )
             if request.limits is not None:
                 # Before the go: nothing of the container runs outside them.
-                cgroup = ContainerCgroup(request.limits, os.getpid(), f"c{pid}")
+                if self.hierarchies is None:
+                    self.hierarchies = hierarchies()
+                cgroup = ContainerCgroup(request.limits, os.getpid(), f"c{pid}", self.hierarchies)
                 self.cgroups[pid] = cgroup
                 cgroup.add(pid)
             network = None
             if request.network == "veth":
-                network = self.veths[pid] = create_veth(pid, self.subnets)
+                taken = {veth.subnet for veth in self.veths.values()}
+                network = self.veths[pid] = create_veth(pid, taken)
             # The child cannot be reaped before this loop calls waitpid, so
             # its PID cannot have been recycled yet: the pidfd is the child's.
             pidfd = _kernel.pidfd_open(pid)
@@ -276,7 +280,6 @@ class _Server:
                 delete_veth(veth.host_interface)
             except Exception:
                 pass  # gone with the namespace already
-            self.subnets.discard(ipaddress.IPv4Interface(f"{veth.host_address}/30").network)
         cgroup = self.cgroups.pop(pid, None)
         usage = None
         if cgroup is not None:

@@ -28,7 +28,7 @@ import attrs
 
 from . import _kernel
 from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
-from ._cgroups import ResourceUsage, check_limits
+from ._cgroups import ResourceUsage, check_limits, require_pid_namespace
 from ._config import ServiceConfig
 from ._container import (
     Container,
@@ -221,8 +221,10 @@ def _seccomp_policy(instance: object, attribute: attrs.Attribute[Any], value: ob
 def _capabilities(value: Iterable[str] | None) -> frozenset[str] | None:
     if value is None or value is DEFAULT_CAPABILITIES:
         return value
-    capability_numbers(value)  # raises for bad names, before anything starts
-    return frozenset(value)
+    # Read once: an iterator would be empty by the time frozenset() ran.
+    names = value if isinstance(value, str) else tuple(value)
+    capability_numbers(names)  # raises for bad names, before anything starts
+    return frozenset(names)
 
 
 def _limits(value: Mapping[str, object] | None) -> tuple[tuple[str, object], ...] | None:
@@ -375,11 +377,8 @@ class ServiceSpec:
                 if not isinstance(key, str) or not isinstance(value, str) or "=" in key:
                     raise ValueError(f"environment variable {key!r}={value!r} is not valid")
         check_network(self.network, self.namespaces)
-        if self.limits is not None and "pid" not in self.namespaces:
-            raise ValueError(
-                "limits= needs the 'pid' namespace, so that every process of the service "
-                "ends with it and its cgroups can be removed; add 'pid' to namespaces"
-            )
+        if self.limits is not None:
+            require_pid_namespace(self.namespaces)
 
 
 def _lookup_user(user: str) -> pwd.struct_passwd:

@@ -93,7 +93,7 @@ def temp_entries() -> set[str]:
 def container_cgroups() -> set[str]:
     """Return the containers' cgroup directories (limits=) in every hierarchy."""
     found = set()
-    for hierarchy in _cgroups._hierarchies():
+    for hierarchy in _cgroups.hierarchies():
         for base in glob.glob(os.path.join(hierarchy.own, "asynccontainer-*")):
             found.update(p for p in glob.glob(os.path.join(base, "*")) if os.path.isdir(p))
     return found

@@ -118,3 +118,9 @@ async def test_bad_names_fail_before_anything_is_spawned() -> None:
         await ac.run_container(["true"], capabilities={21})
     with pytest.raises(ValueError, match="unknown capability"):
         ac.ServiceSpec(["true"], capabilities={"CAP_NOPE"})
+
+
+def test_service_capabilities_from_an_iterator_are_kept() -> None:
+    """An iterator is read once: the check must not leave the spec with no names."""
+    spec = ac.ServiceSpec(["true"], capabilities=iter(["CAP_KILL", "net_bind_service"]))
+    assert spec.capabilities == frozenset({"CAP_KILL", "net_bind_service"})

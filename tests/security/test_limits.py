@@ -29,7 +29,7 @@ HOG = "x = b'x' * (1 << 20)\nwhile True: x = x + x"
 
 def cgroup_dir(pid: int, controller: str) -> str:
     """Return the host directory of process `pid`'s cgroup for `controller`."""
-    hierarchy = next(h for h in _cgroups._hierarchies() if controller in h.controllers)
+    hierarchy = next(h for h in _cgroups.hierarchies() if controller in h.controllers)
     with open(f"/proc/{pid}/cgroup") as file:
         for line in file:
             _, names, path = line.rstrip("\n").split(":", 2)
@@ -134,7 +134,7 @@ async def test_no_cgroup_is_left_by_a_failed_start_or_a_cancellation() -> None:
 
 async def test_a_stale_tree_of_a_killed_server_is_swept() -> None:
     """A server killed before its shutdown leaves cgroups; the next server removes them."""
-    hierarchy = next(h for h in _cgroups._hierarchies() if "pids" in h.controllers)
+    hierarchy = next(h for h in _cgroups.hierarchies() if "pids" in h.controllers)
     # A PID nobody has: above the kernel's pid_max.
     with open("/proc/sys/kernel/pid_max") as file:
         stale_pid = int(file.read()) + 1
