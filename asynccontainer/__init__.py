@@ -19,45 +19,45 @@ Everything public is importable from here::
 from typing import TYPE_CHECKING
 
 # The names below are imported on first use (PEP 562), so that the fork
-# server, which imports `asynccontainer._server`, loads only the synchronous
+# server, which imports `asynccontainer._forkserver.server`, loads only the synchronous
 # modules it needs and never the async API (anyio): it stays small, and
 # cloning it stays cheap.
 _EXPORTS = {
-    "shutdown_fork_server": "_client",
-    "Container": "_container",
-    "Target": "_container",
-    "call_with_container": "_container",
-    "run_container": "_container",
-    "ALL_CAPABILITIES": "_capabilities",
-    "DEFAULT_CAPABILITIES": "_capabilities",
-    "ResourceUsage": "_cgroups",
-    "VethNetwork": "_network",
+    "shutdown_fork_server": "_core.client",
+    "Container": "_core.container",
+    "Target": "_core.container",
+    "call_with_container": "_core.container",
+    "run_container": "_core.container",
+    "ALL_CAPABILITIES": "_spec.capabilities",
+    "DEFAULT_CAPABILITIES": "_spec.capabilities",
+    "ResourceUsage": "_spec.limits",
+    "VethNetwork": "_spec.network",
     "ContainerError": "_errors",
-    "container_excursion": "_excursion",
-    "container_excursion_value": "_excursion",
-    "CONTAINER_FILE_SYSTEMS": "_filesystems",
-    "HOST_SYSTEM_MAPPINGS": "_filesystems",
-    "MOUNT_FLAGS": "_filesystems",
-    "NETWORK_FILE_MAPPINGS": "_filesystems",
-    "WRITABLE_TMP": "_filesystems",
-    "FileSystem": "_filesystems",
-    "FileSystemMapping": "_filesystems",
-    "MountItem": "_filesystems",
-    "Symlink": "_filesystems",
-    "read_pid_file": "_pidfile",
-    "DEFAULT_SECCOMP": "_seccomp",
-    "SeccompPolicy": "_seccomp",
-    "Service": "_services",
-    "ServiceGroup": "_services",
-    "ServiceSpec": "_services",
-    "UnknownAccountError": "_services",
-    "default_mounts": "_services",
-    "default_namespaces": "_services",
-    "NAMESPACES": "_namespaces",
-    "containers_supported": "_namespaces",
-    "setgroups_supported": "_namespaces",
-    "unprivileged_user_namespace_supported": "_namespaces",
-    "user_namespace_supported": "_namespaces",
+    "container_excursion": "_core.excursion",
+    "container_excursion_value": "_core.excursion",
+    "CONTAINER_FILE_SYSTEMS": "_spec.filesystems",
+    "HOST_SYSTEM_MAPPINGS": "_spec.filesystems",
+    "MOUNT_FLAGS": "_spec.filesystems",
+    "NETWORK_FILE_MAPPINGS": "_spec.filesystems",
+    "WRITABLE_TMP": "_spec.filesystems",
+    "FileSystem": "_spec.filesystems",
+    "FileSystemMapping": "_spec.filesystems",
+    "MountItem": "_spec.filesystems",
+    "Symlink": "_spec.filesystems",
+    "read_pid_file": "_core.pidfile",
+    "DEFAULT_SECCOMP": "_spec.seccomp",
+    "SeccompPolicy": "_spec.seccomp",
+    "Service": "_services.group",
+    "ServiceGroup": "_services.group",
+    "ServiceSpec": "_services.group",
+    "UnknownAccountError": "_services.group",
+    "default_mounts": "_services.group",
+    "default_namespaces": "_services.group",
+    "NAMESPACES": "_spec.namespaces",
+    "containers_supported": "_spec.namespaces",
+    "setgroups_supported": "_spec.namespaces",
+    "unprivileged_user_namespace_supported": "_spec.namespaces",
+    "user_namespace_supported": "_spec.namespaces",
 }
 
 
@@ -77,13 +77,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ._capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
-    from ._cgroups import ResourceUsage
-    from ._client import shutdown_fork_server
-    from ._container import Container, Target, call_with_container, run_container
+    from ._core.client import shutdown_fork_server
+    from ._core.container import Container, Target, call_with_container, run_container
+    from ._core.excursion import container_excursion, container_excursion_value
+    from ._core.pidfile import read_pid_file
     from ._errors import ContainerError
-    from ._excursion import container_excursion, container_excursion_value
-    from ._filesystems import (
+    from ._services.group import (
+        Service,
+        ServiceGroup,
+        ServiceSpec,
+        UnknownAccountError,
+        default_mounts,
+        default_namespaces,
+    )
+    from ._spec.capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
+    from ._spec.filesystems import (
         CONTAINER_FILE_SYSTEMS,
         HOST_SYSTEM_MAPPINGS,
         MOUNT_FLAGS,
@@ -94,24 +102,16 @@ if TYPE_CHECKING:
         MountItem,
         Symlink,
     )
-    from ._namespaces import (
+    from ._spec.limits import ResourceUsage
+    from ._spec.namespaces import (
         NAMESPACES,
         containers_supported,
         setgroups_supported,
         unprivileged_user_namespace_supported,
         user_namespace_supported,
     )
-    from ._network import VethNetwork
-    from ._pidfile import read_pid_file
-    from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
-    from ._services import (
-        Service,
-        ServiceGroup,
-        ServiceSpec,
-        UnknownAccountError,
-        default_mounts,
-        default_namespaces,
-    )
+    from ._spec.network import VethNetwork
+    from ._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy
 
 __version__ = "0.1.0.dev0"
 

@@ -264,7 +264,7 @@ def _rss_kb(pid: int) -> int:
 async def memory(live: int) -> Result:
     """Scenario 6: the fork server's RSS, and the caller's memory per live container."""
     await _ours([shutil.which("true") or "/usr/bin/true"])
-    server = ac._client.fork_server()
+    server = ac._core.client.fork_server()
     server_rss = Series("fork server RSS (KB)", [float(_rss_kb(server.pid))])
     import gc
     import tracemalloc

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 from procfs import children_of, containers_of
 
-from asynccontainer import _cgroups, _client
+from asynccontainer._core import client as _client
+from asynccontainer._spec import limits as _cgroups
 
 
 @pytest.hookimpl(tryfirst=True)

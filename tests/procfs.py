@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from asynccontainer import _client
+from asynccontainer._core import client as _client
 
 # The fork server clones a child ahead of need when idle (_server.py,
 # "zygotes"): an idle one is not a container, and not a leak. For a moment

@@ -26,7 +26,7 @@ import pytest
 from procfs import fork_server_containers
 
 import asynccontainer as ac
-from asynccontainer import _client
+from asynccontainer._core import client as _client
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
 ALL_BUT = {name: tuple(n for n in ac.NAMESPACES if n != name) for name in ac.NAMESPACES}

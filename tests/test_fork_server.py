@@ -21,7 +21,7 @@ import pytest
 from procfs import children_of, containers_of
 
 import asynccontainer as ac
-from asynccontainer import _client
+from asynccontainer._core import client as _client
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
 
@@ -199,7 +199,7 @@ _ORPHANING_SCRIPT = textwrap.dedent(
     """
     import anyio
     import asynccontainer as ac
-    from asynccontainer import _client
+    from asynccontainer._core import client as _client
 
     async def main():
         container = await ac.run_container(["sleep", "60"], mounts=ac.HOST_SYSTEM_MAPPINGS)

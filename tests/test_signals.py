@@ -35,7 +35,7 @@ async def main():
     async def report():
         # Wait until the container runs, then print its PID.
         for _ in range(500):
-            server = ac._client._server
+            server = ac._core.client._server
             if server is not None:
                 children = containers(server.pid)
                 if children:
@@ -50,7 +50,7 @@ async def main():
 try:
     anyio.run(main, backend=sys.argv[1])
 except* KeyboardInterrupt:  # trio's task group wraps it in a group
-    server = ac._client._server
+    server = ac._core.client._server
     children = containers(server.pid)
     print("interrupted; containers left:", len(children), flush=True)
     sys.exit(130)

@@ -16,7 +16,7 @@ import pytest
 from capture import sh
 
 import asynccontainer as ac
-from asynccontainer._capabilities import capability_numbers
+from asynccontainer._spec.capabilities import capability_numbers
 
 STATUS = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status"
 NO_USER = ["mnt", "pid", "ipc", "uts", "net"]

@@ -25,7 +25,7 @@ import pytest
 from capture import output_of, outside_tmp_directory, sh
 
 import asynccontainer as ac
-from asynccontainer import _client
+from asynccontainer._core import client as _client
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
 UP = "../" * 20  # more than enough to climb from any path used here to "/"

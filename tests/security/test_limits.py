@@ -20,7 +20,8 @@ import pytest
 from capture import sh
 
 import asynccontainer as ac
-from asynccontainer import _cgroups, _client
+from asynccontainer._core import client as _client
+from asynccontainer._spec import limits as _cgroups
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
 # Doubles a string until the memory limit stops it.

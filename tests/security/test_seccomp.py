@@ -24,9 +24,9 @@ def errno_of(name: str, *arguments: int) -> int:
     """Return the errno the system call `name` fails with here (0 if it succeeds)."""
     import ctypes
 
-    from asynccontainer import _seccomp
+    from asynccontainer._kernel import seccomp as _seccomp
 
-    number = _seccomp._LIB.seccomp_syscall_resolve_name(name.encode())
+    number = _seccomp.LIB.seccomp_syscall_resolve_name(name.encode())
     libc = ctypes.CDLL(None, use_errno=True)
     result = libc.syscall(number, *arguments, 0, 0, 0, 0, 0)
     return ctypes.get_errno() if result < 0 else 0
@@ -68,9 +68,9 @@ async def test_new_user_namespaces_can_be_forbidden() -> None:
 
 
 async def test_services_get_the_filter() -> None:
-    from asynccontainer import _seccomp
+    from asynccontainer._kernel import seccomp as _seccomp
 
-    keyctl = _seccomp._LIB.seccomp_syscall_resolve_name(b"keyctl")
+    keyctl = _seccomp.LIB.seccomp_syscall_resolve_name(b"keyctl")
     # Exits 0 only if keyctl fails with EPERM, the filter's answer.
     probe = (
         "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "

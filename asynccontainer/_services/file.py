@@ -26,8 +26,8 @@ from typing import Any, TextIO
 import anyio
 import attrs
 
-from ._filesystems import FileSystemMapping
-from ._services import Service, ServiceGroup, ServiceSpec
+from .._spec.filesystems import FileSystemMapping
+from .group import Service, ServiceGroup, ServiceSpec
 
 __all__ = ["load_services", "run_services"]
 

@@ -1,17 +1,14 @@
-"""Seccomp filters, built with libseccomp: the policy value, its compilation, its loading.
+"""Seccomp filters: the policy value and its compilation to BPF with libseccomp.
 
 libseccomp compiles the rules to BPF, with the architecture check and the
-system call numbers; this module only binds the functions it needs through
-ctypes (seccomp_init(3), seccomp_rule_add(3), seccomp_syscall_resolve_name(3),
-seccomp_export_bpf(3), seccomp_release(3)), in the style of `_kernel`: no
-policy here but the default list below. The program is compiled once per
-policy in the caller, and the container installs the bytes with prctl(2).
+system call numbers (bound in `_kernel.seccomp`). The program is compiled
+once per policy in the caller, and the container installs the bytes with
+prctl(2).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -19,58 +16,13 @@ from collections.abc import Iterable
 
 import attrs
 
-from . import _kernel
+from .._kernel import seccomp as _libseccomp
+from .._kernel.seccomp import LIB as _LIB
 
-__all__ = ["DEFAULT_SECCOMP", "SeccompPolicy", "compile_policy", "install_filter"]
+__all__ = ["DEFAULT_SECCOMP", "SeccompPolicy", "compile_policy"]
 
-# <seccomp.h>
-_SCMP_ACT_ALLOW = 0x7FFF0000
-# <linux/prctl.h>, <linux/seccomp.h>
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
-_SCMP_CMP_MASKED_EQ = 7
 # <linux/sched.h>
 _CLONE_NEWUSER = 0x10000000
-
-
-def _scmp_act_errno(number: int) -> int:
-    return 0x00050000 | (number & 0x0000FFFF)
-
-
-class _ArgCmp(ctypes.Structure):
-    # struct scmp_arg_cmp
-    _fields_ = (
-        ("arg", ctypes.c_uint),
-        ("op", ctypes.c_int),
-        ("datum_a", ctypes.c_uint64),
-        ("datum_b", ctypes.c_uint64),
-    )
-
-
-def _open_libseccomp() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-    except OSError:
-        return None  # compile_policy says what to install
-    lib.seccomp_init.restype = ctypes.c_void_p
-    lib.seccomp_init.argtypes = [ctypes.c_uint32]
-    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_uint32,
-        ctypes.c_int,
-        ctypes.c_uint,
-        ctypes.POINTER(_ArgCmp),
-    ]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-# Loaded when the fork server imports this, not after pivot_root.
-_LIB = _open_libseccomp()
 
 # What no container needs, and what kernel exploits keep reaching for:
 # the kernel keyring (not namespaced: keys leak across containers),
@@ -152,10 +104,10 @@ perf_event_open, bpf, swap, reboot, accounting and clock changes fail with EPERM
 
 
 def _rule(
-    lib: ctypes.CDLL, context: int, action: int, name: str, comparisons: list[_ArgCmp]
+    lib: ctypes.CDLL, context: int, action: int, name: str, comparisons: list[_libseccomp.ArgCmp]
 ) -> None:
     number = lib.seccomp_syscall_resolve_name(name.encode())
-    array = (_ArgCmp * len(comparisons))(*comparisons) if comparisons else None
+    array = (_libseccomp.ArgCmp * len(comparisons))(*comparisons) if comparisons else None
     result = lib.seccomp_rule_add_array(context, action, number, len(comparisons), array)
     if result < 0:
         raise OSError(-result, f"seccomp_rule_add({name}): {errno.errorcode.get(-result, '')}")
@@ -179,18 +131,20 @@ def compile_policy(policy: SeccompPolicy) -> bytes:
             "libseccomp is not installed (libseccomp2 on Debian); install it, or pass "
             "seccomp=None to run without a filter",
         )
-    context = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    context = lib.seccomp_init(_libseccomp.SCMP_ACT_ALLOW)
     if not context:
         raise OSError(errno.ENOMEM, "seccomp_init failed")
     try:
-        denied = _scmp_act_errno(policy.errno)
+        denied = _libseccomp.scmp_act_errno(policy.errno)
         for name in sorted(policy.deny):
             _rule(lib, context, denied, name, [])
         if not policy.allow_user_namespaces:
-            new_user = _ArgCmp(0, _SCMP_CMP_MASKED_EQ, _CLONE_NEWUSER, _CLONE_NEWUSER)
-            _rule(lib, context, _scmp_act_errno(errno.EPERM), "unshare", [new_user])
-            _rule(lib, context, _scmp_act_errno(errno.EPERM), "clone", [new_user])
-            _rule(lib, context, _scmp_act_errno(errno.ENOSYS), "clone3", [])
+            new_user = _libseccomp.ArgCmp(
+                0, _libseccomp.SCMP_CMP_MASKED_EQ, _CLONE_NEWUSER, _CLONE_NEWUSER
+            )
+            _rule(lib, context, _libseccomp.scmp_act_errno(errno.EPERM), "unshare", [new_user])
+            _rule(lib, context, _libseccomp.scmp_act_errno(errno.EPERM), "clone", [new_user])
+            _rule(lib, context, _libseccomp.scmp_act_errno(errno.ENOSYS), "clone3", [])
         fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
         try:
             result = lib.seccomp_export_bpf(context, fd)
@@ -202,23 +156,3 @@ def compile_policy(policy: SeccompPolicy) -> bytes:
             os.close(fd)
     finally:
         lib.seccomp_release(context)
-
-
-class _SockFprog(ctypes.Structure):
-    # struct sock_fprog, <linux/filter.h>
-    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-
-def install_filter(program: bytes) -> None:
-    """Install a compiled filter on the calling process; it holds across execve(2).
-
-    The caller must have no_new_privs set or CAP_SYS_ADMIN in its user
-    namespace (seccomp(2)); this does not set no_new_privs itself.
-
-    Raises:
-        OSError: EACCES without either; EINVAL for a malformed program.
-    """
-    buffer = ctypes.create_string_buffer(program, len(program))
-    # struct sock_filter is 8 bytes: u16 code, u8 jt, u8 jf, u32 k.
-    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
-    _kernel.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog))

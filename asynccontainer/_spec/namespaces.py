@@ -1,8 +1,7 @@
-"""Namespace names, the support predicates, and user-namespace id maps.
+"""Namespace names and the support predicates (Guix's `%namespaces`, `user-namespace-supported?`).
 
-This is Guix's `%namespaces`, `user-namespace-supported?` & co. and
-`initialize-user-namespace`, with one change: the id maps are not fixed to
-"0 UID COUNT" but map `guest_uid`/`guest_gid` to the creator's ids.
+The id maps of a new user namespace are written by the fork server
+(`_forkserver.idmaps`).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from . import _kernel
+from .. import _kernel
 
 __all__ = [
     "NAMESPACES",
@@ -20,7 +19,6 @@ __all__ = [
     "setgroups_supported",
     "unprivileged_user_namespace_supported",
     "user_namespace_supported",
-    "write_id_maps",
 ]
 
 NAMESPACES: tuple[str, ...] = ("cgroup", "mnt", "pid", "ipc", "uts", "user", "net")
@@ -102,41 +100,3 @@ def containers_supported() -> bool:
         and unprivileged_user_namespace_supported()
         and setgroups_supported()
     )
-
-
-def write_id_maps(
-    pid: int,
-    *,
-    guest_uid: int,
-    guest_gid: int,
-    host_uid: int,
-    host_gid: int,
-    count: int,
-) -> None:
-    """Write /proc/PID/{setgroups,uid_map,gid_map} of a fresh user namespace.
-
-    Maps `count` ids starting at the guest's to the host's (see
-    user_namespaces(7)). Unless the writer is root (uid and gid 0), "deny" is
-    first written to setgroups: an unprivileged process may only write
-    gid_map once setgroups(2) is disabled in the namespace (Linux 3.19,
-    CVE-2014-8989), and the file must be written before gid_map.
-
-    Raises:
-        OSError: EPERM when the mapping is not allowed (more than one id
-            without CAP_SETUID/CAP_SETGID in the parent namespace).
-    """
-    proc = f"/proc/{pid}"
-    if not (host_uid == 0 and host_gid == 0) and setgroups_supported():
-        _write_proc_file(f"{proc}/setgroups", "deny")
-    _write_proc_file(f"{proc}/uid_map", f"{guest_uid} {host_uid} {count}\n")
-    _write_proc_file(f"{proc}/gid_map", f"{guest_gid} {host_gid} {count}\n")
-
-
-def _write_proc_file(path: str, content: str) -> None:
-    # The kernel takes a map in one write(2) call: a buffered writer that
-    # splits or repeats writes gets EPERM/EINVAL on the second one.
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, content.encode())
-    finally:
-        os.close(fd)

@@ -15,10 +15,12 @@ import pickle
 import sys
 from collections.abc import Callable, Mapping
 
-from . import _kernel
-from ._client import AsyncFrameChannel, rebuild_exception
-from ._config import ExcursionConfig
-from ._container import (
+from .. import _kernel
+from .._errors import ContainerError
+from .._plan import ExcursionConfig
+from .._wire import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest
+from .client import AsyncFrameChannel, rebuild_exception
+from .container import (
     Container,
     Stdio,
     Target,
@@ -30,8 +32,6 @@ from ._container import (
     next_reply,
     start_process,
 )
-from ._errors import ContainerError
-from ._protocol import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest
 
 __all__ = ["container_excursion", "container_excursion_value"]
 

@@ -22,8 +22,8 @@ import stat
 import struct
 from collections.abc import Callable, Iterable
 
-from . import _kernel
-from ._filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
+from .. import _kernel
+from .._spec.filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
 
 __all__ = ["bring_loopback_up", "lock_mounts", "mount_file_systems"]
 

@@ -13,8 +13,8 @@ from typing import TextIO
 
 import attrs
 
-from . import _kernel
-from ._namespaces import (
+from .. import _kernel
+from .._spec.namespaces import (
     NAMESPACES,
     namespace_clone_flags,
     setgroups_supported,
@@ -150,12 +150,12 @@ def findings() -> list[Finding]:
         result.append(
             Finding("pidfd (race-free signals)", False, exc.strerror or "", "needs Linux 5.3")
         )
-    from . import _seccomp
+    from .._kernel import seccomp as _libseccomp
 
     result.append(
         Finding(
             "seccomp filters (libseccomp)",
-            _seccomp._LIB is not None,
+            _libseccomp.LIB is not None,
             "",
             "install libseccomp (apt-get install libseccomp2), or pass seccomp=None",
         )

@@ -22,21 +22,16 @@ from typing import IO, Any, Self, TypeAlias
 import anyio
 import attrs
 
-from . import _kernel
-from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
-from ._cgroups import ResourceUsage, check_limits, plan_cgroups, require_pid_namespace
-from ._client import (
-    AsyncFrameChannel,
-    rebuild_exception,
-    receive_status,
-    send_request,
-)
-from ._config import ContainerConfig
-from ._errors import ContainerError
-from ._filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
-from ._namespaces import NAMESPACES, namespace_clone_flags, normalize_namespaces
-from ._network import VethNetwork, check_network
-from ._protocol import (
+from .. import _kernel
+from .._errors import ContainerError
+from .._plan import ContainerConfig
+from .._spec.capabilities import DEFAULT_CAPABILITIES, capability_numbers
+from .._spec.filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
+from .._spec.limits import ResourceUsage, check_limits, plan_cgroups, require_pid_namespace
+from .._spec.namespaces import NAMESPACES, namespace_clone_flags, normalize_namespaces
+from .._spec.network import VethNetwork, check_network
+from .._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy, compile_policy
+from .._wire import (
     MAX_FDS,
     ContainerSetup,
     Execing,
@@ -48,7 +43,12 @@ from ._protocol import (
     SpawnFailed,
     SpawnRequest,
 )
-from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy, compile_policy
+from .client import (
+    AsyncFrameChannel,
+    rebuild_exception,
+    receive_status,
+    send_request,
+)
 
 __all__ = ["Container", "Target", "call_with_container", "run_container"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-from ._filesystems import MountItem
+from ._spec.filesystems import MountItem
 
 __all__ = ["ContainerConfig", "ExcursionConfig", "ServiceConfig"]
 

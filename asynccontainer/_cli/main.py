@@ -19,10 +19,10 @@ from typing import Any, NoReturn
 
 import anyio
 
-from ._container import run_container
-from ._errors import ContainerError
-from ._excursion import container_excursion
-from ._filesystems import (
+from .._core.container import run_container
+from .._core.excursion import container_excursion
+from .._errors import ContainerError
+from .._spec.filesystems import (
     CONTAINER_FILE_SYSTEMS,
     HOST_SYSTEM_MAPPINGS,
     NETWORK_FILE_MAPPINGS,
@@ -30,8 +30,8 @@ from ._filesystems import (
     FileSystemMapping,
     MountItem,
 )
-from ._namespaces import NAMESPACES
-from ._terminal import PseudoTerminal
+from .._spec.namespaces import NAMESPACES
+from .terminal import PseudoTerminal
 
 __all__ = ["main"]
 
@@ -348,7 +348,7 @@ async def _exec(arguments: argparse.Namespace) -> int:
 
 
 async def _services(arguments: argparse.Namespace) -> int:
-    from ._services_file import load_services, run_services
+    from .._services.file import load_services, run_services
 
     # Services without a log file send their lines to the logging module:
     # show them on stderr, the status table having stdout.
@@ -367,7 +367,7 @@ async def _services(arguments: argparse.Namespace) -> int:
 
 
 def _check() -> int:
-    from ._support import report
+    from .check import report
 
     return report(sys.stdout)
 

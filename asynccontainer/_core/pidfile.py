@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import _kernel
+from .. import _kernel
 
 if TYPE_CHECKING:
-    from ._container import Container
+    from .container import Container
 
 __all__ = ["PidTranslator", "read_pid_file", "wait_for_pid_file"]
 
@@ -281,7 +281,7 @@ async def read_pid_file(
         return await wait_for_pid_file(
             os.path.abspath(file), timeout=timeout, root_fd=None, translate=PidTranslator(None)
         )
-    from ._container import Container
+    from .container import Container
 
     if isinstance(container, Container):
         if container.returncode is not None:

@@ -12,44 +12,38 @@ from __future__ import annotations
 # starts: after pivot_root the host's standard library is out of reach.
 import fcntl
 import os
-import pickle
 import signal
 import socket
-import sys
 import termios
-import traceback
 from typing import NoReturn
 
-import cloudpickle
-
-from . import _kernel
-from ._capabilities import keep_only, limit_bounding_set
-from ._config import ContainerConfig, ExcursionConfig
-from ._mount import bring_loopback_up, lock_mounts, mount_file_systems
-from ._protocol import (
+from .. import _kernel
+from .._kernel.seccomp import install_filter
+from .._plan import ContainerConfig, ExcursionConfig
+from .._wire import (
     ContainerSetup,
     ExceptionInfo,
     ExcursionSetup,
-    Execing,
     FrameBuffer,
-    Raised,
-    Ready,
-    Returned,
     SetupFailed,
     recv_frame,
     recvmsg_fds,
-    send_frame,
 )
-from ._seccomp import install_filter
-from ._service_child import apply_service_process_state, prepare_service_root, run_init
+from .capabilities import keep_only, limit_bounding_set
+from .excursion import run_excursion
+from .init import apply_service_process_state, prepare_service_root, run_init
+from .mounts import bring_loopback_up, lock_mounts, mount_file_systems
+from .target import (
+    EXIT_PARENT_DIED,
+    EXIT_SETUP_FAILED,
+    install_stdio,
+    report,
+    run_target,
+    unpickle,
+)
 
-__all__ = ["container_main", "join_namespaces"]
+__all__ = ["container_main"]
 
-# Guix's exit codes for a child that never got to run its target.
-EXIT_PARENT_DIED = 2
-EXIT_SETUP_FAILED = 3
-# What a shell reports for a command it could not execute.
-EXIT_EXEC_FAILED = 127
 
 # Signals the server ignores or handles, restored to their defaults: an
 # ignored disposition survives execve(2), and subprocess resets these too.
@@ -117,7 +111,7 @@ def container_main(go_fd: int) -> NoReturn:
     if isinstance(message, ContainerSetup) and isinstance(message.config, ContainerConfig):
         _container(handshake, message.config, fds)
     if isinstance(message, ExcursionSetup) and isinstance(message.config, ExcursionConfig):
-        _excursion(handshake, message.config, fds)
+        run_excursion(handshake, message.config, fds)
     os._exit(EXIT_PARENT_DIED)
 
 
@@ -200,9 +194,9 @@ def _container(handshake: socket.socket, config: ContainerConfig, fds: list[int]
         if not config.no_new_privs and kept is not None:
             keep_only(kept)
     except BaseException as exc:
-        _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
+        report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
         os._exit(EXIT_SETUP_FAILED)
-    _run_target(handshake, config.command, target, dict(config.env), config.send_root)
+    run_target(handshake, config.command, target, dict(config.env), config.send_root)
 
 
 def _start_session() -> None:
@@ -223,66 +217,10 @@ def _start_session() -> None:
             pass
 
 
-def _run_target(
-    handshake: socket.socket,
-    command: tuple[str, ...] | None,
-    target: object,
-    env: dict[str, str],
-    send_root: bool = False,
-) -> NoReturn:
-    """Exec the command or run the callable, reporting on the handshake first."""
-    root = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)] if send_root else []
-    if command is not None:
-        _report(handshake, Execing(), root)
-        try:
-            # The handshake socket is close-on-exec: its end-of-file tells
-            # the caller that this exec succeeded.
-            os.execvpe(command[0], list(command), env)
-        except OSError as exc:
-            # As subprocess reports it: the program as it was given, not the
-            # last PATH entry execvpe happened to try.
-            error = OSError(exc.errno, exc.strerror, command[0])
-            _report(handshake, SetupFailed(ExceptionInfo.capture(error)))
-            os._exit(EXIT_EXEC_FAILED)
-    os.environ.clear()
-    os.environ.update(env)
-    _report(handshake, Ready(), root)
-    handshake.close()
-    for fd in root:
-        os.close(fd)
-    _run_callable(target)
-
-
-def _report(handshake: socket.socket, message: object, fds: list[int] | None = None) -> None:
-    try:
-        send_frame(handshake, message, fds or ())
-    except OSError:
-        # The caller is gone; whatever happens next, nobody is listening.
-        pass
-
-
-def _unpickle(pickled: bytes | None, sys_path: tuple[str, ...]) -> object:
-    # Unpickle while the host's files are in reach: the callable may refer
-    # to modules (a test file, the caller's package) by name.
-    if pickled is None:
-        return None
-    if sys_path:
-        sys.path[:] = sys_path
-    return pickle.loads(pickled)
-
-
-def _install_stdio(stdio: list[int]) -> None:
-    for number, fd in enumerate(stdio):
-        os.dup2(fd, number)
-    for fd in stdio:
-        if fd > 2:
-            os.close(fd)
-
-
 def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
     """Do every set-up step of the container; return the unpickled callable (or None)."""
-    target = _unpickle(config.pickled_callable, config.sys_path)
-    populate = _unpickle(config.pickled_populate, config.sys_path)
+    target = unpickle(config.pickled_callable, config.sys_path)
+    populate = unpickle(config.pickled_populate, config.sys_path)
     service = config.service
     if service is not None:
         # Shepherd's steps that need a writable root come before the user's
@@ -295,7 +233,7 @@ def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
             if callable(user_populate):
                 user_populate()
 
-    _install_stdio(stdio)
+    install_stdio(stdio)
 
     if config.hostname is not None:
         _kernel.sethostname(config.hostname)
@@ -320,150 +258,3 @@ def _set_up(config: ContainerConfig, stdio: list[int]) -> object:
         prepare_service_root(service)
     os.chdir(config.cwd)
     return target
-
-
-def _run_callable(target: object) -> NoReturn:
-    """Run the callable as Guix's call-with-clean-exit: 0 if it returns, 1 if it raises."""
-    status = 0
-    try:
-        assert callable(target)
-        target()
-    except SystemExit as exc:
-        # As the interpreter itself would treat it at exit.
-        if exc.code is None:
-            status = 0
-        elif isinstance(exc.code, int):
-            status = exc.code & 0xFF
-        else:
-            print(exc.code, file=sys.stderr)
-            status = 1
-    except BaseException:
-        traceback.print_exc()
-        status = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(status)
-
-
-# Guix's order: user first, so that its capabilities allow joining the
-# others; mnt last, since /proc of the target is out of reach after it. A
-# single setns(pidfd, flags) joins them all at once (Linux 5.8), and the
-# kernel applies them in a safe order; the list only decides what differs.
-_JOIN_ORDER = (
-    ("user", _kernel.CLONE_NEWUSER),
-    ("cgroup", _kernel.CLONE_NEWCGROUP),
-    ("ipc", _kernel.CLONE_NEWIPC),
-    ("uts", _kernel.CLONE_NEWUTS),
-    ("net", _kernel.CLONE_NEWNET),
-    ("pid", _kernel.CLONE_NEWPID),
-    ("mnt", _kernel.CLONE_NEWNS),
-)
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    with open(f"/proc/self/fdinfo/{pidfd}") as info:
-        for line in info:
-            if line.startswith("Pid:"):
-                pid = int(line.split()[1])
-                if pid > 0:
-                    return pid
-    raise ProcessLookupError(3, "the process to enter has exited")
-
-
-def join_namespaces(pidfd: int) -> int:
-    """Join every namespace of the pidfd's process that this process does not share.
-
-    Joining a namespace one is already in fails (EINVAL for one's own user
-    namespace), and a process entering itself must not call setns at all,
-    so namespaces are compared first. Returns the CLONE_NEW* flags joined.
-
-    Raises:
-        ProcessLookupError: when the process has exited.
-        PermissionError: when this process may not enter it.
-    """
-    pid = _pidfd_pid(pidfd)
-    flags = 0
-    for name, flag in _JOIN_ORDER:
-        mine = os.stat(f"/proc/self/ns/{name}")
-        theirs = os.stat(f"/proc/{pid}/ns/{name}")
-        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
-            flags |= flag
-    if flags:
-        _kernel.setns(pidfd, flags)
-    return flags
-
-
-def _excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[int]) -> NoReturn:
-    """Guix's container-excursion: join the target's namespaces, fork, run there."""
-    try:
-        # In the target's user namespace its processes hold CAP_SYS_PTRACE:
-        # a dumpable excursion could be attached to and made to send the
-        # caller a forged pickle. A process that is not dumpable may only be
-        # traced with the capability in the namespace its memory belongs to,
-        # the host's (ptrace(2), "Ptrace access mode checking"). Its child
-        # inherits this; exec of a command resets it, after which the
-        # handshake is closed.
-        _kernel.prctl(_kernel.PR_SET_DUMPABLE, 0)
-        if len(fds) != 4:
-            raise ValueError(f"an excursion needs 4 fds, got {len(fds)}")
-        target = _unpickle(config.pickled_callable, config.sys_path)
-        _install_stdio(fds[:3])
-        join_namespaces(fds[3])
-        os.close(fds[3])
-        os.chdir("/")
-        # A new pid namespace only applies to children (setns(2)): the
-        # target runs in a child, which this process waits for.
-        child = os.fork()
-    except BaseException as exc:
-        _report(handshake, SetupFailed(ExceptionInfo.capture(exc)))
-        os._exit(EXIT_SETUP_FAILED)
-    if child == 0:
-        try:
-            _kernel.prctl(_kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-        except BaseException:
-            os._exit(EXIT_PARENT_DIED)
-        env = dict(config.env)
-        if config.want_value:
-            _return_value(handshake, target, env)
-        _run_target(handshake, config.command, target, env)
-    handshake.close()
-    _, status = os.waitpid(child, 0)
-    _exit_like(status)
-
-
-def _return_value(handshake: socket.socket, target: object, env: dict[str, str]) -> NoReturn:
-    """Run the callable and send back its value or its exception (container-excursion*)."""
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        assert callable(target)
-        value = target()
-    except BaseException as exc:
-        _report(handshake, Raised(ExceptionInfo.capture(exc)))
-        os._exit(1)
-    try:
-        message: object = Returned(cloudpickle.dumps(value))
-    except Exception as exc:
-        error = TypeError(f"the value {value!r} cannot be pickled to be sent back: {exc}")
-        message = Raised(ExceptionInfo.capture(error))
-    _report(handshake, message)
-    os._exit(0 if isinstance(message, Returned) else 1)
-
-
-def _exit_like(status: int) -> NoReturn:
-    """Exit with the same wait status as the child that ended with `status`."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            # SIGKILL and SIGSTOP cannot be given a disposition (EINVAL),
-            # and need none: they are never caught.
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-        except BaseException:
-            pass  # never unwind into the fork server's frames
-        os._exit(128 + sig)
-    os._exit(os.waitstatus_to_exitcode(status))

@@ -34,12 +34,10 @@ from typing import NoReturn
 # to send back exceptions, and to unpickle callables.
 import cloudpickle  # noqa: F401
 
-from . import _kernel
-from ._cgroups import ContainerCgroup, Hierarchy, hierarchies, remove_server_tree, sweep_stale
-from ._child import container_main
-from ._namespaces import write_id_maps
-from ._network import VethNetwork, create_veth, delete_veth
-from ._protocol import (
+from .. import _kernel
+from .._spec.limits import Hierarchy, hierarchies
+from .._spec.network import VethNetwork
+from .._wire import (
     ExceptionInfo,
     Exited,
     Forked,
@@ -49,6 +47,10 @@ from ._protocol import (
     fds_ancillary,
     recvmsg_fds,
 )
+from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
+from .child import container_main
+from .idmaps import write_id_maps
+from .veth import create_veth, delete_veth
 
 __all__ = ["main", "serve"]
 

@@ -26,18 +26,18 @@ from typing import Any, Self
 import anyio
 import attrs
 
-from . import _kernel
-from ._capabilities import DEFAULT_CAPABILITIES, capability_numbers
-from ._cgroups import ResourceUsage, check_limits, require_pid_namespace
-from ._config import ServiceConfig
-from ._container import (
+from .. import _kernel
+from .._core.container import (
     Container,
     _build,
     _spawn,
     _StdioFds,
 )
-from ._errors import ContainerError
-from ._filesystems import (
+from .._core.pidfile import PidTranslator, wait_for_pid_file
+from .._errors import ContainerError
+from .._plan import ServiceConfig
+from .._spec.capabilities import DEFAULT_CAPABILITIES, capability_numbers
+from .._spec.filesystems import (
     CONTAINER_FILE_SYSTEMS,
     HOST_SYSTEM_MAPPINGS,
     NETWORK_FILE_MAPPINGS,
@@ -46,10 +46,10 @@ from ._filesystems import (
     FileSystemMapping,
     Symlink,
 )
-from ._namespaces import NAMESPACES, normalize_namespaces
-from ._network import VethNetwork, check_network
-from ._pidfile import PidTranslator, wait_for_pid_file
-from ._seccomp import DEFAULT_SECCOMP, SeccompPolicy
+from .._spec.limits import ResourceUsage, check_limits, require_pid_namespace
+from .._spec.namespaces import NAMESPACES, normalize_namespaces
+from .._spec.network import VethNetwork, check_network
+from .._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy
 
 __all__ = [
     "Service",

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 import attrs
 import cloudpickle
 
-from ._cgroups import CgroupLimits, ResourceUsage
-from ._network import VethNetwork
+from ._spec.limits import CgroupLimits, ResourceUsage
+from ._spec.network import VethNetwork
 
 __all__ = [
     "MAX_FDS",

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from . import _kernel
+from .. import _kernel
 
 __all__ = [
     "CONTAINER_FILE_SYSTEMS",

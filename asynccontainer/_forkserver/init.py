@@ -14,7 +14,7 @@ import resource
 import signal
 from typing import NoReturn
 
-from ._config import ServiceConfig
+from .._plan import ServiceConfig
 
 __all__ = ["apply_service_process_state", "prepare_service_root", "run_init"]
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from ._errors import ContainerError
-from ._protocol import (
+from .._errors import ContainerError
+from .._wire import (
     ExceptionInfo,
     Exited,
     Forked,
@@ -47,7 +47,7 @@ __all__ = [
 # and user site out of the server, and the caller's sys.path comes in argv.
 _BOOTSTRAP = (
     "import sys; sys.path[:] = __import__('json').loads(sys.argv[1]); "
-    "from asynccontainer._server import main; main(sys.argv[2:])"
+    "from asynccontainer._forkserver.server import main; main(sys.argv[2:])"
 )
 
 

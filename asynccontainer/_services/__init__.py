@@ -1,0 +1,1 @@
+"""Services: a thin layer over containers (Shepherd's make-forkexec-constructor/container)."""
