@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "shutdown_fork_server": "_core.client",
     "Container": "_core.container",
-    "Target": "_core.container",
+    "Target": "_plan",
+    "ContainerSpec": "_spec.container",
+    "ContainerOptions": "_spec.container",
     "call_with_container": "_core.container",
     "run_container": "_core.container",
     "ALL_CAPABILITIES": "_spec.capabilities",
@@ -49,10 +51,10 @@ _EXPORTS = {
     "SeccompPolicy": "_spec.seccomp",
     "Service": "_services.group",
     "ServiceGroup": "_services.group",
-    "ServiceSpec": "_services.group",
-    "UnknownAccountError": "_services.group",
-    "default_mounts": "_services.group",
-    "default_namespaces": "_services.group",
+    "ServiceSpec": "_services.spec",
+    "UnknownAccountError": "_services.spec",
+    "default_mounts": "_services.spec",
+    "default_namespaces": "_services.spec",
     "NAMESPACES": "_spec.namespaces",
     "containers_supported": "_spec.namespaces",
     "setgroups_supported": "_spec.namespaces",
@@ -78,19 +80,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ._core.client import shutdown_fork_server
-    from ._core.container import Container, Target, call_with_container, run_container
+    from ._core.container import Container, call_with_container, run_container
     from ._core.excursion import container_excursion, container_excursion_value
     from ._core.pidfile import read_pid_file
     from ._errors import ContainerError
-    from ._services.group import (
-        Service,
-        ServiceGroup,
-        ServiceSpec,
-        UnknownAccountError,
-        default_mounts,
-        default_namespaces,
-    )
+    from ._plan import Target
+    from ._services.group import Service, ServiceGroup
+    from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
     from ._spec.capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
+    from ._spec.container import ContainerOptions, ContainerSpec
     from ._spec.filesystems import (
         CONTAINER_FILE_SYSTEMS,
         HOST_SYSTEM_MAPPINGS,
@@ -127,6 +125,8 @@ __all__ = [
     "WRITABLE_TMP",
     "Container",
     "ContainerError",
+    "ContainerOptions",
+    "ContainerSpec",
     "FileSystem",
     "FileSystemMapping",
     "MountItem",

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import attrs
 import cloudpickle
 
+from ._kernel import SCM_MAX_FD
 from ._spec.limits import CgroupLimits, ResourceUsage
 from ._spec.network import VethNetwork
 
@@ -58,7 +59,7 @@ __all__ = [
     "send_frame",
 ]
 
-MAX_FDS = 253
+MAX_FDS = SCM_MAX_FD
 """The most fds one message carries (the kernel's SCM_MAX_FD)."""
 
 _HEADER = struct.Struct(">IB")

@@ -22,6 +22,7 @@ import anyio
 from .._core.container import run_container
 from .._core.excursion import container_excursion
 from .._errors import ContainerError
+from .._spec.container import ContainerSpec
 from .._spec.filesystems import (
     CONTAINER_FILE_SYSTEMS,
     HOST_SYSTEM_MAPPINGS,
@@ -47,6 +48,8 @@ EXIT_NOT_EXECUTABLE = 126
 # What a human expects to find in a shell: the library itself starts from an
 # empty environment, as Guix does.
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What an option left out means: the spec's own default.
+_DEFAULTS = ContainerSpec()
 
 
 class _Usage(Exception):
@@ -166,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root", metavar="DIR", help="use this directory as the root")
     run.add_argument("--writable-root", action="store_true", help="leave the root writable")
     run.add_argument("--hostname", metavar="H", help="the host name inside")
-    run.add_argument("--uid", type=_id, default=0, help="the uid inside (default 0)")
-    run.add_argument("--gid", type=_id, default=0, help="the gid inside (default 0)")
+    run.add_argument(
+        "--uid", type=_id, dest="guest_uid", help=f"the uid inside (default {_DEFAULTS.guest_uid})"
+    )
+    run.add_argument(
+        "--gid", type=_id, dest="guest_gid", help=f"the gid inside (default {_DEFAULTS.guest_gid})"
+    )
     run.add_argument(
         "--env",
         metavar="K=V",
@@ -261,23 +268,28 @@ async def _run(arguments: argparse.Namespace) -> int:
     # the container's included: the container decides (an interactive shell
     # lives on). Without a terminal, SIGINT is for this command to stop it.
     terminal = PseudoTerminal() if os.isatty(0) else None
-    keywords: dict[str, Any] = {
+    options: dict[str, Any] = {
         "mounts": mounts,
         "namespaces": namespaces,
-        "root": arguments.root,
+        "root": arguments.root and os.path.abspath(arguments.root),
         "writable_root": arguments.writable_root,
         "hostname": arguments.hostname,
-        "guest_uid": arguments.uid,
-        "guest_gid": arguments.gid,
         "env": _environment(arguments.env),
+        "guest_uid": arguments.guest_uid,
+        "guest_gid": arguments.guest_gid,
         # An init relays signals to the command, which then behaves as it
         # would outside a pid namespace.
         "child_is_pid1": False,
     }
     if terminal is not None:
-        keywords.update(
-            stdin=terminal.slave, stdout=terminal.slave, stderr=terminal.slave, new_session=True
-        )
+        options.update(new_session=True)
+    # Options left out (None) keep the spec's defaults, which are written only there.
+    spec = ContainerSpec(**{k: v for k, v in options.items() if v is not None})
+    stdio: dict[str, Any] = (
+        {"stdin": terminal.slave, "stdout": terminal.slave, "stderr": terminal.slave}
+        if terminal is not None
+        else {}
+    )
     received: list[int] = []
     returncode: int | None = None
     failure: Exception | None = None
@@ -289,7 +301,7 @@ async def _run(arguments: argparse.Namespace) -> int:
                 group.start_soon(_until_signalled, scope, received, False)
                 try:
                     with anyio.fail_after(arguments.timeout) if arguments.timeout else _null():
-                        returncode = await _run_container(argv, keywords, terminal)
+                        returncode = await _run_container(argv, spec, stdio, terminal)
                 except Exception as exc:
                     # Raised again below, outside the task group, which would
                     # wrap it in an exception group.
@@ -314,9 +326,9 @@ async def _run(arguments: argparse.Namespace) -> int:
 
 
 async def _run_container(
-    argv: list[str], keywords: dict[str, Any], terminal: PseudoTerminal | None
+    argv: list[str], spec: ContainerSpec, stdio: dict[str, Any], terminal: PseudoTerminal | None
 ) -> int:
-    container = await run_container(argv, **keywords)
+    container = await run_container(argv, spec, **stdio)
     async with container:
         if terminal is None:
             return await container.wait()

@@ -1,9 +1,9 @@
 """run_container, call_with_container and the Container handle.
 
-Every argument is checked here, in the caller, before anything is spawned;
-then one request goes to the fork server and the rest of the set-up is
-awaited on the container's handshake socket. See docs/design.md for the
-whole exchange.
+The options become a `ContainerSpec` (checked field by field) and then a
+plan (checked against this machine), before anything is spawned; then one
+request goes to the fork server and the rest of the set-up is awaited on
+the container's handshake socket. See docs/design.md for the whole exchange.
 """
 
 from __future__ import annotations
@@ -13,31 +13,24 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, Any, Self, TypeAlias
+from typing import IO, Any, Self, TypeAlias, Unpack
 
 import anyio
-import attrs
 
 from .. import _kernel
 from .._errors import ContainerError
-from .._plan import ContainerConfig
-from .._spec.capabilities import DEFAULT_CAPABILITIES, capability_numbers
-from .._spec.filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
-from .._spec.limits import ResourceUsage, check_limits, plan_cgroups, require_pid_namespace
-from .._spec.namespaces import NAMESPACES, namespace_clone_flags, normalize_namespaces
-from .._spec.network import VethNetwork, check_network
-from .._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy, compile_policy
+from .._plan import ContainerConfig, Target, plan_container
+from .._spec.container import ContainerOptions, ContainerSpec, resolve_spec
+from .._spec.limits import ResourceUsage
+from .._spec.network import VethNetwork
 from .._wire import (
-    MAX_FDS,
     ContainerSetup,
     Execing,
     Exited,
     Forked,
-    IdMap,
     Ready,
     SetupFailed,
     SpawnFailed,
@@ -52,20 +45,12 @@ from .client import (
 
 __all__ = ["Container", "Target", "call_with_container", "run_container"]
 
-Target: TypeAlias = Sequence[str | os.PathLike[str]] | Callable[[], object]
-"""A command (argv, run with execvp semantics) or a callable taking no arguments."""
-
 Stdio: TypeAlias = int | IO[Any] | None
 
 # How long cleanup after a cancellation or an error may wait for the server
 # to report the exit of a SIGKILLed container. Reaping takes milliseconds;
 # past this the server itself is wedged, and waiting longer helps nobody.
 _REAP_TIMEOUT = 30.0
-
-# sethostname(2): HOST_NAME_MAX.
-_HOST_NAME_MAX = 64
-# user_namespaces(7): ids are 32-bit and (uid_t)-1 is never valid.
-_MAX_ID = 2**32 - 2
 
 
 class Container:
@@ -245,111 +230,6 @@ def _check_duration(name: str, value: float) -> None:
         raise ValueError(f"{name} must be zero or more seconds, not {value!r}")
 
 
-def _pickle_callable(what: str, function: Callable[[], object]) -> bytes:
-    import cloudpickle
-
-    try:
-        pickled: bytes = cloudpickle.dumps(function)
-        return pickled
-    except Exception as exc:
-        raise TypeError(
-            f"the {what} {function!r} cannot be pickled to be sent to the container: "
-            f"{exc}. Make it refer only to picklable objects (no locks, sockets or "
-            "open files), or pass a command instead"
-        ) from exc
-
-
-def _check_command(target: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
-    if isinstance(target, str | bytes):
-        raise TypeError(
-            f"a command is a sequence of arguments, not the string {target!r}; "
-            f"write [{target!r}], or ['sh', '-c', {target!r}] for a shell command line"
-        )
-    try:
-        command = tuple(os.fspath(argument) for argument in target)
-    except TypeError as exc:
-        raise TypeError(
-            f"a target is a command (a sequence of str) or a callable, not {target!r}"
-        ) from exc
-    if not command:
-        raise ValueError("the command is empty; give at least the program to run")
-    for argument in command:
-        if not isinstance(argument, str):
-            raise TypeError(f"command arguments are str, not {argument!r}")
-        if "\0" in argument:
-            raise ValueError(f"command argument {argument!r} contains a NUL byte")
-    return command
-
-
-def _check_mounts(mounts: Iterable[MountItem]) -> tuple[MountItem, ...]:
-    if isinstance(mounts, FileSystem | FileSystemMapping | Symlink):
-        raise TypeError("mounts is a sequence of mount items; wrap a single one as (item,)")
-    items = tuple(mounts)
-    for item in items:
-        if not isinstance(item, FileSystem | FileSystemMapping | Symlink):
-            raise TypeError(
-                f"mounts holds FileSystem, FileSystemMapping or Symlink items, not {item!r}"
-            )
-    return items
-
-
-def _compile_seccomp(
-    seccomp: SeccompPolicy | None, no_new_privs: bool, namespaces: frozenset[str]
-) -> bytes | None:
-    if seccomp is not None and not isinstance(seccomp, SeccompPolicy):
-        raise TypeError(f"seccomp is a SeccompPolicy or None, not {seccomp!r}")
-    if seccomp is not None and not no_new_privs and "user" not in namespaces and os.geteuid():
-        # seccomp(2): without no_new_privs, loading a filter takes
-        # CAP_SYS_ADMIN, which only root or a user namespace gives.
-        raise ValueError(
-            "a seccomp filter without no_new_privs needs root or a user namespace; "
-            "keep no_new_privs=True or pass seccomp=None"
-        )
-    return None if seccomp is None else compile_policy(seccomp)
-
-
-def _check_pass_fds(pass_fds: Iterable[int]) -> tuple[int, ...]:
-    if isinstance(pass_fds, int):
-        raise TypeError("pass_fds is a sequence of fds; wrap a single one as (fd,)")
-    fds = tuple(pass_fds)
-    for fd in fds:
-        if isinstance(fd, bool) or not isinstance(fd, int):
-            raise TypeError(f"pass_fds holds fd numbers, not {fd!r}")
-        if fd < 3:
-            raise ValueError(f"pass_fds: {fd} is stdio; give it as stdin, stdout or stderr")
-        try:
-            os.fstat(fd)
-        except OSError:
-            raise ValueError(f"pass_fds: {fd} is not an open file descriptor") from None
-    if len(set(fds)) != len(fds):
-        raise ValueError(f"pass_fds {fds} names an fd twice")
-    if len(fds) > MAX_FDS - 3:
-        raise ValueError(f"pass_fds: at most {MAX_FDS - 3} fds may be passed")
-    return fds
-
-
-def _check_env(env: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
-    if env is None:
-        # Guix's purify-environment: the container starts with nothing.
-        return ()
-    pairs = []
-    for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"env maps str to str, not {key!r} to {value!r}")
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ValueError(f"env variable name {key!r} or its value is not valid")
-        pairs.append((key, value))
-    return tuple(pairs)
-
-
-def _check_id(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {value!r}")
-    if not 0 <= value <= _MAX_ID:
-        raise ValueError(f"{name} must be between 0 and {_MAX_ID}, not {value}")
-    return value
-
-
 class _StdioFds:
     """The three fds a container starts with, and the ones opened only to pass them."""
 
@@ -391,189 +271,14 @@ class _StdioFds:
             os.close(fd)
 
 
-def _build(
-    target: Target,
-    *,
-    root: str | os.PathLike[str] | None,
-    mounts: Iterable[MountItem],
-    namespaces: Iterable[str],
-    host_uids: int,
-    guest_uid: int,
-    guest_gid: int,
-    writable_root: bool,
-    populate: Callable[[], object] | None,
-    loopback_network: bool,
-    lock_mounts: bool,
-    hostname: str | None,
-    env: Mapping[str, str] | None,
-    cwd: str | os.PathLike[str],
-    child_is_pid1: bool = True,
-    new_session: bool = True,
-    no_new_privs: bool = True,
-    pass_fds: Iterable[int] = (),
-    seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
-    capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
-    limits: Mapping[str, object] | None = None,
-    network: str | None = None,
-) -> tuple[ContainerConfig, SpawnRequest]:
-    """Check every argument of run_container and return what is sent.
-
-    Raises:
-        TypeError, ValueError: naming the argument and what to pass instead.
-        FileNotFoundError, NotADirectoryError: for a `root` that is not a directory.
-    """
-    names = normalize_namespaces(namespaces)
-    items = _check_mounts(mounts)
-    for flag_name, flag in (
-        ("writable_root", writable_root),
-        ("loopback_network", loopback_network),
-        ("lock_mounts", lock_mounts),
-        ("child_is_pid1", child_is_pid1),
-        ("new_session", new_session),
-        ("no_new_privs", no_new_privs),
-    ):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be True or False, not {flag!r}")
-    if not child_is_pid1 and "pid" not in names:
-        raise ValueError(
-            "child_is_pid1=False puts an init in front of the target as PID 1 of a new pid "
-            "namespace; add 'pid' to namespaces"
-        )
-
-    if callable(target):
-        command = None
-        pickled_callable: bytes | None = _pickle_callable("target", target)
-    else:
-        command = _check_command(target)
-        pickled_callable = None
-
-    root_path = None
-    if root is not None:
-        root_path = os.path.abspath(os.fspath(root))
-        if not os.path.exists(root_path):
-            raise FileNotFoundError(2, "the root directory does not exist", root_path)
-        if not os.path.isdir(root_path):
-            raise NotADirectoryError(20, "the root must be a directory", root_path)
-    if "mnt" not in names:
-        needing_mnt: tuple[tuple[str, object], ...] = (
-            ("root", root),
-            ("mounts", items),
-            ("populate", populate),
-        )
-        for needing, given in needing_mnt:
-            if given:
-                raise ValueError(
-                    f"{needing}= needs the 'mnt' namespace: without it the container shares "
-                    "the host's mounts; add 'mnt' to namespaces"
-                )
-    if populate is not None and not callable(populate):
-        raise TypeError(f"populate must be a callable taking no arguments, not {populate!r}")
-
-    if isinstance(host_uids, bool) or not isinstance(host_uids, int):
-        raise TypeError(f"host_uids must be an int, not {host_uids!r}")
-    if host_uids < 1:
-        raise ValueError(f"host_uids must be 1 or more, not {host_uids}")
-    _check_id("guest_uid", guest_uid)
-    _check_id("guest_gid", guest_gid)
-    if "user" in names:
-        if host_uids > 1 and os.geteuid() != 0:
-            raise ValueError(
-                f"host_uids={host_uids}: only root may map more than one id into a user "
-                "namespace (user_namespaces(7)); use host_uids=1 or run as root"
-            )
-        if max(guest_uid, guest_gid) + host_uids - 1 > _MAX_ID:
-            raise ValueError("guest ids plus host_uids run past the largest id")
-        id_map: IdMap | None = IdMap(guest_uid, guest_gid, host_uids)
-    else:
-        if (host_uids, guest_uid, guest_gid) != (1, 0, 0):
-            raise ValueError(
-                "host_uids, guest_uid and guest_gid describe the id maps of a user namespace; "
-                "add 'user' to namespaces or leave them at their defaults"
-            )
-        id_map = None
-
-    if hostname is not None:
-        if not isinstance(hostname, str):
-            raise TypeError(f"hostname must be a str, not {hostname!r}")
-        if "uts" not in names:
-            raise ValueError(
-                "hostname= needs the 'uts' namespace, or it would rename the host; "
-                "add 'uts' to namespaces"
-            )
-        if not hostname or len(hostname.encode()) > _HOST_NAME_MAX or "\0" in hostname:
-            raise ValueError(
-                f"hostname {hostname!r} must be 1 to {_HOST_NAME_MAX} bytes without NUL"
-            )
-    cgroup_limits = None
-    if limits is not None:
-        cgroup_limits = check_limits(limits)
-        require_pid_namespace(names)
-        # Unwritable cgroups or a missing controller, reported before the
-        # spawn; the server checks again as it creates them.
-        plan_cgroups(cgroup_limits)
-    cwd_path = os.fspath(cwd)
-    if not isinstance(cwd_path, str) or not cwd_path.startswith("/"):
-        raise ValueError(f"cwd {cwd!r} must be an absolute path inside the container")
-
-    config = ContainerConfig(
-        namespaces=names,
-        root=root_path,
-        mounts=items,
-        writable_root=writable_root,
-        loopback_network=loopback_network,
-        lock_mounts=lock_mounts,
-        hostname=hostname,
-        env=_check_env(env),
-        cwd=cwd_path,
-        command=command,
-        pickled_callable=pickled_callable,
-        pickled_populate=_pickle_callable("populate hook", populate) if populate else None,
-        sys_path=tuple(sys.path) if pickled_callable or populate else (),
-        child_is_pid1=child_is_pid1,
-        new_session=new_session,
-        no_new_privs=no_new_privs,
-        pass_fds=_check_pass_fds(pass_fds),
-        seccomp_program=_compile_seccomp(seccomp, no_new_privs, names),
-        capabilities=None if capabilities is None else capability_numbers(capabilities),
-        # The default set keeps what it can: a caller without root and
-        # without a user namespace holds none of it.
-        capabilities_required=capabilities is not DEFAULT_CAPABILITIES,
-    )
-    flags = namespace_clone_flags(names)
-    if cgroup_limits is not None and "cgroup" in names:
-        # The child unshares it once it is in its own cgroups (see _cgroups).
-        flags &= ~_kernel.CLONE_NEWCGROUP
-        config = attrs.evolve(config, cgroup_namespace=True)
-    return config, SpawnRequest(flags, id_map, cgroup_limits, check_network(network, names))
-
-
 async def run_container(
     target: Target,
+    spec: ContainerSpec | None = None,
     *,
-    root: str | os.PathLike[str] | None = None,
-    mounts: Iterable[MountItem] = (),
-    namespaces: Iterable[str] = NAMESPACES,
-    host_uids: int = 1,
-    guest_uid: int = 0,
-    guest_gid: int = 0,
-    writable_root: bool = False,
-    populate: Callable[[], object] | None = None,
-    loopback_network: bool = True,
-    lock_mounts: bool = True,
-    hostname: str | None = None,
-    env: Mapping[str, str] | None = None,
-    cwd: str | os.PathLike[str] = "/",
     stdin: Stdio = None,
     stdout: Stdio = None,
     stderr: Stdio = None,
-    child_is_pid1: bool = True,
-    new_session: bool = True,
-    no_new_privs: bool = True,
-    pass_fds: Iterable[int] = (),
-    seccomp: SeccompPolicy | None = DEFAULT_SECCOMP,
-    capabilities: Iterable[str] | None = DEFAULT_CAPABILITIES,
-    limits: Mapping[str, object] | None = None,
-    network: str | None = None,
+    **options: Unpack[ContainerOptions],
 ) -> Container:
     """Start `target` in a new container and return it once it is ready.
 
@@ -588,77 +293,13 @@ async def run_container(
             closure will do: it is sent with cloudpickle). A callable that
             returns exits 0; one that raises prints its traceback to the
             container's stderr and exits 1.
-        root: None for a fresh tmpfs root (as Guix); or an existing directory
-            of the host to use as the root (missing mount points are created
-            in it).
-        mounts: FileSystem, FileSystemMapping or Symlink items, mounted in
-            order after the essential file systems (/proc, /dev ...).
-        namespaces: names from `NAMESPACES`; all of them by default.
-        host_uids: how many ids, from the caller's uid/gid up, are mapped
-            into the user namespace (more than 1 needs root).
-        guest_uid: the uid the caller's uid becomes inside.
-        guest_gid: the gid the caller's gid becomes inside.
-        writable_root: leave the root writable (else EROFS on writes).
-        populate: a callable run inside after pivot_root, before the root
-            turns read-only, to create files in it.
-        loopback_network: with "net", bring `lo` up and write /etc/hosts.
-        lock_mounts: with "mnt" and "user", lock the mounts so the container
-            cannot unmount them to see what they cover (maps only the guest
-            uid/gid in a nested user namespace).
-        hostname: the host name in the container's "uts" namespace.
-        env: None for an empty environment (Guix purifies it); else exactly
-            this mapping.
-        cwd: the working directory, a path inside the container.
+        spec: a `ContainerSpec` holding the options; None for the defaults.
         stdin: None to share the caller's, an fd, a file object, or
             subprocess.DEVNULL.
         stdout: as stdin.
         stderr: as stdin.
-        child_is_pid1: with "pid", True (Guix's default) runs the target as
-            PID 1, which only receives the signals it handles; False puts a
-            small init there that relays SIGINT, SIGTERM, SIGHUP, SIGUSR1,
-            SIGUSR2 and SIGQUIT to the target (PID 2), reaps orphans, and
-            exits with the target's status (128+N for a signal).
-        new_session: True (the default) makes the target call setsid(), as
-            subprocess's start_new_session: in a session of its own it
-            cannot reach the caller's terminal (TIOCSTI to push keystrokes
-            into it, signals from its keyboard). A terminal on its stdin
-            that is no session's yet (a pty made for it, as the CLI does)
-            becomes its controlling terminal, with job control. False
-            leaves it in the caller's session and process group.
-        no_new_privs: True (the default) sets PR_SET_NO_NEW_PRIVS on the
-            target: setuid bits and file capabilities of what it executes
-            grant nothing.
-        pass_fds: fds of the caller to give the container at the same
-            numbers, as subprocess's pass_fds; no other fd but 0, 1 and 2
-            is inherited.
-        seccomp: the filter installed on the target: DEFAULT_SECCOMP (the
-            kernel keyring, userfaultfd, kexec, modules, open_by_handle_at,
-            perf_event_open, bpf ... fail with EPERM), a SeccompPolicy of
-            your own, or None for no filter.
-        capabilities: the capabilities the target keeps, by name
-            ("CAP_NET_BIND_SERVICE" or "net_bind_service"); every other one
-            is dropped from its bounding, permitted, effective, inheritable
-            and ambient sets, so no exec brings it back. By default
-            DEFAULT_CAPABILITIES (Podman's set: no CAP_SYS_ADMIN, CAP_NET_ADMIN,
-            CAP_NET_RAW or CAP_SYS_PTRACE); ALL_CAPABILITIES or None keep
-            everything root has in the container's user namespace. A name
-            given here that the process does not hold (no "user" namespace,
-            caller not root) fails the start with PermissionError.
-        limits: cgroup limits, such as {"memory": "256M", "pids": 64,
-            "cpu": 0.5}: "memory" in bytes or with K, M, G (the container's
-            processes are OOM-killed beyond it, never swapped), "pids" the
-            most tasks at once (fork fails with EAGAIN beyond it), "cpu" in
-            CPUs (a quota per 100 ms period), "cpu_weight" from 1 to 10000
-            (100 is an even share). Needs "pid" in namespaces. The container
-            gets cgroups of its own (v2, or v1 per controller where v2 lacks
-            it), removed when it exits, and with "cgroup" sees only its own
-            tree. `Container.usage` then reports what it used; `{}` accounts
-            without limiting.
-        network: None (only loopback, with "net"), or "veth": a veth pair
-            to the host on a private /30 (root only; needs "net" and
-            pyroute2), with the container's default route through the
-            host end; `Container.network` has the addresses. It is deleted
-            when the container exits.
+        **options: any field of `ContainerSpec` (root, mounts, namespaces,
+            hostname, env, limits ...), overriding the field of `spec`.
 
     Returns:
         The running `Container`.
@@ -678,30 +319,7 @@ async def run_container(
     Cancellation: if cancelled, the container (if it was created) is killed
     and reaped before the cancellation propagates.
     """
-    config, request = _build(
-        target,
-        root=root,
-        mounts=mounts,
-        namespaces=namespaces,
-        host_uids=host_uids,
-        guest_uid=guest_uid,
-        guest_gid=guest_gid,
-        writable_root=writable_root,
-        populate=populate,
-        loopback_network=loopback_network,
-        lock_mounts=lock_mounts,
-        hostname=hostname,
-        env=env,
-        cwd=cwd,
-        child_is_pid1=child_is_pid1,
-        new_session=new_session,
-        no_new_privs=no_new_privs,
-        pass_fds=pass_fds,
-        seccomp=seccomp,
-        capabilities=capabilities,
-        limits=limits,
-        network=network,
-    )
+    config, request = plan_container(resolve_spec(spec, options), target)
     stdio = _StdioFds()
     try:
         stdio.add("stdin", 0, stdin)
@@ -845,17 +463,17 @@ async def _drain(status: AsyncFrameChannel, *, kill: bool = False) -> None:
 
 async def call_with_container(
     target: Target,
+    spec: ContainerSpec | None = None,
     *,
-    mounts: Iterable[MountItem] = (),
-    namespaces: Iterable[str] = NAMESPACES,
-    host_uids: int = 1,
-    **keywords: Any,
+    stdin: Stdio = None,
+    stdout: Stdio = None,
+    stderr: Stdio = None,
+    **options: Unpack[ContainerOptions],
 ) -> int:
     """Run `target` in a new container, wait for it, and return its returncode.
 
-    Takes every keyword of `run_container`. This is Guix's
-    call-with-container, with a fresh tmpfs root instead of a temporary
-    directory of the host.
+    Takes what `run_container` takes. This is Guix's call-with-container,
+    with a fresh tmpfs root instead of a temporary directory of the host.
 
     It raises what `run_container` raises.
 
@@ -863,7 +481,7 @@ async def call_with_container(
     container is killed and reaped before the cancellation propagates.
     """
     container = await run_container(
-        target, mounts=mounts, namespaces=namespaces, host_uids=host_uids, **keywords
+        target, spec, stdin=stdin, stdout=stdout, stderr=stderr, **options
     )
     async with container:
         return await container.wait()

@@ -17,16 +17,14 @@ from collections.abc import Callable, Mapping
 
 from .. import _kernel
 from .._errors import ContainerError
-from .._plan import ExcursionConfig
+from .._plan import ExcursionConfig, check_command, pickle_callable
+from .._spec.checks import environment
 from .._wire import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest
 from .client import AsyncFrameChannel, rebuild_exception
 from .container import (
     Container,
     Stdio,
     Target,
-    _check_command,
-    _check_env,
-    _pickle_callable,
     _StdioFds,
     await_ready,
     next_reply,
@@ -63,15 +61,15 @@ def _target_pidfd(pid_or_container: int | Container) -> tuple[int, bool]:
 def _config(target: Target, env: Mapping[str, str] | None, want_value: bool) -> ExcursionConfig:
     if callable(target):
         return ExcursionConfig(
-            env=_check_env(env),
+            env=environment("env", env) or (),
             command=None,
-            pickled_callable=_pickle_callable("target", target),
+            pickled_callable=pickle_callable("target", target),
             want_value=want_value,
             sys_path=tuple(sys.path),
         )
     return ExcursionConfig(
-        env=_check_env(env),
-        command=_check_command(target),
+        env=environment("env", env) or (),
+        command=check_command(target),
         pickled_callable=None,
         want_value=False,
         sys_path=(),

@@ -40,6 +40,7 @@ __all__ = [
     "MS_REC",
     "MS_REMOUNT",
     "MS_STRICTATIME",
+    "SCM_MAX_FD",
     "clone",
     "inotify_add_watch",
     "inotify_init1",
@@ -55,6 +56,9 @@ __all__ = [
     "umount2",
     "unshare",
 ]
+
+# <net/scm.h>: the most fds one SCM_RIGHTS message carries.
+SCM_MAX_FD = 253
 
 # <linux/sched.h>
 CLONE_NEWCGROUP = 0x02000000

@@ -27,7 +27,9 @@ import anyio
 import attrs
 
 from .._spec.filesystems import FileSystemMapping
-from .group import Service, ServiceGroup, ServiceSpec
+from .._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy
+from .group import Service, ServiceGroup
+from .spec import ServiceSpec
 
 __all__ = ["load_services", "run_services"]
 
@@ -81,14 +83,53 @@ def _mapping(item: Any) -> FileSystemMapping:
     raise TypeError(f'a mapping is "SRC[=DST][:rw]" or a table, not {item!r}')
 
 
+# Options that only Python can give: a callable, and fds of the calling process.
+_PYTHON_ONLY = {
+    "populate": "a Python callable",
+    "pass_fds": "fds of a Python program",
+}
+
+
+def _seccomp(value: Any) -> SeccompPolicy | None:
+    """Read seccomp: true (the default filter), false (none), or a table of SeccompPolicy."""
+    if value is True:
+        return DEFAULT_SECCOMP
+    if value is False:
+        return None
+    if isinstance(value, dict):
+        unknown = set(value) - {field.name for field in attrs.fields(SeccompPolicy)}
+        if unknown:
+            raise ValueError(f"a seccomp table has deny, errno and the like, not {sorted(unknown)}")
+        return SeccompPolicy(**value)
+    raise TypeError(f"seccomp is true, false or a table like {{deny = ['mount']}}, not {value!r}")
+
+
 def _convert(field: str, value: Any) -> Any:
+    """Turn a TOML value into what the ServiceSpec field takes."""
+    if field in _PYTHON_ONLY:
+        raise TypeError(f"{field} is {_PYTHON_ONLY[field]}; it cannot be given in a services file")
     if field == "mappings":
         if not isinstance(value, list):
             raise TypeError(f"mappings is a list, not {value!r}")
         return [_mapping(item) for item in value]
     if field == "resource_limits" and isinstance(value, dict):
         return {key: tuple(v) if isinstance(v, list) else v for key, v in value.items()}
+    if field == "seccomp":
+        return _seccomp(value)
     return value
+
+
+def _check_field(field: str, value: Any) -> None:
+    """Run one field's own converter and validator, as the spec would.
+
+    Rules between fields are checked when the whole spec is made.
+    """
+    attribute = attrs.fields_dict(ServiceSpec)[field]
+    convert: Any = attribute.converter  # a plain function: every field's converter is one
+    if convert is not None:
+        value = convert(value)
+    if attribute.validator is not None:
+        attribute.validator(None, attribute, value)
 
 
 def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
@@ -142,11 +183,7 @@ def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
                 continue
             try:
                 converted = _convert(field, value)
-                if field != "command":
-                    # Check each field alone, so each error gets its own line.
-                    ServiceSpec(["true"], **{field: converted})
-                else:
-                    ServiceSpec(converted)
+                _check_field(field, converted)
             except (TypeError, ValueError) as exc:
                 error(field, str(exc))
                 bad = True
@@ -160,7 +197,11 @@ def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
         try:
             specs.append(ServiceSpec(**fields))
         except (TypeError, ValueError) as exc:
-            error(None, str(exc))
+            # Each field passed its own check: a rule between fields is broken,
+            # and its message names them, the one to change first.
+            message = str(exc)
+            named = [f for f in table if re.search(rf"\b{re.escape(f)}\b", message)]
+            error(min(named, key=message.index) if named else None, message)
     return specs, errors
 
 

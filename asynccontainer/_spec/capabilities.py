@@ -122,5 +122,5 @@ def capability_numbers(names: Iterable[str]) -> frozenset[int]:
 
 
 def capability_name(number: int) -> str:
-    """Return the name of capability `number` ("CAP_SYS_ADMIN"), or "CAP_<number>" past the last known."""
+    """Return the name of capability `number` ("CAP_SYS_ADMIN"); "CAP_<number>" past the last."""
     return _NAMES[number] if 0 <= number < len(_NAMES) else f"CAP_{number}"

@@ -1,0 +1,377 @@
+"""ServiceSpec: what to run as a service, and how (Shepherd's make-forkexec-constructor/container).
+
+A `ServiceSpec` holds every container option (`SharedOptions`, defined once
+in `_spec.container`) plus what makes a service: its command, accounts, log
+file, PID file, stop and respawn behaviour. `container_spec` turns it into
+the `ContainerSpec` its container is started with.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import resource
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from .._plan import ServiceConfig
+from .._spec.checks import absolute_path, boolean, environment, seconds
+from .._spec.container import ContainerSpec, SharedOptions, check_rules
+from .._spec.filesystems import (
+    CONTAINER_FILE_SYSTEMS,
+    HOST_SYSTEM_MAPPINGS,
+    NETWORK_FILE_MAPPINGS,
+    WRITABLE_TMP,
+    FileSystem,
+    FileSystemMapping,
+    MountItem,
+    Symlink,
+)
+from .._spec.namespaces import NAMESPACES, normalize_namespaces
+
+__all__ = [
+    "ServiceSpec",
+    "UnknownAccountError",
+    "default_mounts",
+    "default_namespaces",
+    "service_config",
+]
+
+
+def default_namespaces() -> frozenset[str]:
+    """Return every namespace but "net" and "user", Shepherd's default for services.
+
+    Most daemons are there to talk to the network, and most expect to run
+    under a non-zero uid, which needs the host's ids.
+    """
+    return frozenset(NAMESPACES) - {"net", "user"}
+
+
+def default_mounts(namespaces: Iterable[str] | None = None) -> list[FileSystem]:
+    """Return Shepherd's default mounts for a service in `namespaces`.
+
+    A tmpfs on /tmp; CONTAINER_FILE_SYSTEMS; the network files unless "net"
+    is among the namespaces; /etc/passwd and /etc/group when "mnt" is and
+    "user" is not (the service then shares the host's ids and must be able
+    to look them up); /etc/localtime; and the host's program directories
+    (HOST_SYSTEM_MAPPINGS, with links such as /bin -> usr/bin given as
+    bind mounts of what they point to). Mappings whose source does not
+    exist are dropped.
+
+    Raises:
+        ValueError, TypeError: for bad namespace names.
+    """
+    names = default_namespaces() if namespaces is None else normalize_namespaces(namespaces)
+    mappings: list[FileSystemMapping] = []
+    if "net" not in names:
+        mappings.extend(NETWORK_FILE_MAPPINGS)
+    if "mnt" in names and "user" not in names:
+        mappings.extend((FileSystemMapping("/etc/passwd"), FileSystemMapping("/etc/group")))
+    mappings.append(FileSystemMapping("/etc/localtime"))
+    for item in HOST_SYSTEM_MAPPINGS:
+        if isinstance(item, Symlink):
+            mappings.append(FileSystemMapping(os.path.realpath(item.path), item.path))
+        elif isinstance(item, FileSystemMapping):
+            mappings.append(item)
+    return [
+        WRITABLE_TMP,
+        *CONTAINER_FILE_SYSTEMS,
+        *(m.to_bind_mount() for m in mappings if os.path.exists(m.source)),
+    ]
+
+
+class UnknownAccountError(KeyError, ValueError):
+    """A user or group name that this host does not know.
+
+    A KeyError, as pwd.getpwnam raises, and a ValueError, as every other
+    bad argument; raised before anything is spawned.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _command(value: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    if isinstance(value, str | bytes):
+        raise TypeError(
+            f"a service command is a sequence of arguments, not the string {value!r}; "
+            f"write [{value!r}], or ['sh', '-c', {value!r}]"
+        )
+    command = tuple(os.fspath(part) for part in value)
+    if not command or not all(isinstance(part, str) for part in command):
+        raise ValueError(f"a service command is a non-empty sequence of str, not {value!r}")
+    return command
+
+
+def _log_file(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else absolute_path("log_file", value)
+
+
+def _pid_file(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else absolute_path("pid_file", value)
+
+
+def _directory(value: str | os.PathLike[str]) -> str:
+    return absolute_path("directory", value)
+
+
+def _environment(
+    value: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+) -> tuple[tuple[str, str], ...] | None:
+    return environment("environment", value)
+
+
+def _mappings(items: Iterable[FileSystemMapping]) -> tuple[FileSystemMapping, ...]:
+    result = tuple(items)
+    for item in result:
+        if not isinstance(item, FileSystemMapping):
+            raise TypeError(f"mappings holds FileSystemMapping items, not {item!r}")
+    return result
+
+
+_RLIMIT_NAMES = {
+    name[len("RLIMIT_") :].lower(): getattr(resource, name)
+    for name in dir(resource)
+    if name.startswith("RLIMIT_")
+}
+
+
+def _resource_limit(name: object, value: object) -> tuple[str, int, int]:
+    key = str(name).lower().removeprefix("rlimit_")
+    if key not in _RLIMIT_NAMES:
+        raise ValueError(
+            f"unknown resource limit {name!r}; choose among {', '.join(sorted(_RLIMIT_NAMES))}"
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        soft = hard = value
+    elif (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        soft, hard = value
+    else:
+        raise TypeError(f"resource limit {name!r} is an int or (soft, hard), not {value!r}")
+    if soft > hard and hard != resource.RLIM_INFINITY:
+        raise ValueError(f"resource limit {name!r}: soft {soft} is above hard {hard}")
+    return key, soft, hard
+
+
+def _resource_limits(
+    limits: Mapping[str, int | tuple[int, int]] | Iterable[tuple[str, int, int]],
+) -> tuple[tuple[str, int, int], ...]:
+    if isinstance(limits, Mapping):
+        return tuple(_resource_limit(name, value) for name, value in limits.items())
+    # Already checked triples, as attrs.evolve passes them back.
+    return tuple(_resource_limit(name, (soft, hard)) for name, soft, hard in limits)
+
+
+def _umask(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"file_creation_mask must be an int from 0 to 0o777, not {value!r}")
+
+
+def _account(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+        raise TypeError(f"{attribute.name} is a name or a numeric id, not {value!r}")
+
+
+def _accounts(instance: object, attribute: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
+    for account in value:
+        _account(instance, attribute, account)
+
+
+@attrs.frozen
+class ServiceSpec(SharedOptions):
+    """What to run as a service, and how: Shepherd's make-forkexec-constructor/container.
+
+    Every field is checked when the spec is made; names of users and groups
+    are looked up when the service starts (before anything is spawned).
+    Every container option of `ContainerSpec` is accepted too (root,
+    hostname, limits, capabilities, seccomp, pass_fds, populate ...), with
+    the same meaning, except that `namespaces` and `writable_root` have
+    other defaults; what `ContainerSpec` calls `mounts`, `env` and `cwd` are
+    `mappings` (added to `default_mounts`), `environment` and `directory`
+    here. A service always has a session of its own (it is stopped through
+    it), and with a pid namespace always an init as PID 1, which outlives
+    a daemon's forking parent.
+
+    Args:
+        command: the program and its arguments (looked up on the service's
+            PATH).
+        name: for logs and the logger name; the program's base name by
+            default.
+        namespaces: default_namespaces() (all but "net" and "user").
+        mappings: FileSystemMapping items added to default_mounts().
+        user: user name or uid to run as (setuid), with its primary group
+            unless `group` is given.
+        group: group name or gid to run as (setgid).
+        supplementary_groups: names or gids (setgroups); none by default.
+        log_file: absolute host path; created if missing (0640, owned by
+            `user`), mapped writable into the container; stdout and stderr
+            lines go there, each prefixed "YYYY-MM-DD HH:MM:SS ". Without it,
+            lines go to the logger "asynccontainer.service.NAME".
+        pid_file: absolute path inside the container that the daemon writes
+            its PID to; the service is started when it names a live process.
+        pid_file_timeout: seconds to wait for the PID file.
+        directory: working directory inside the container.
+        environment: None for the caller's environment (as Shepherd), or
+            exactly this mapping.
+        resource_limits: {"nofile": 1024, "core": (0, 0), ...}: RLIMIT_*
+            names (case and the prefix do not matter) to a limit or to
+            (soft, hard).
+        file_creation_mask: the umask, such as 0o027.
+        grace_period: seconds between SIGTERM and SIGKILL when stopping.
+        respawn: start the service again when it dies, unless it dies more
+            than 5 times in 7 seconds.
+        writable_root: the container's root stays writable (the default:
+            daemons write to /var/run); a fresh tmpfs root is private and
+            goes with the container.
+
+    The other keywords are `ContainerSpec`'s: root, host_uids, guest_uid,
+    guest_gid, populate, loopback_network, lock_mounts, hostname,
+    no_new_privs, pass_fds, seccomp, capabilities (kept also after the
+    switch to `user`), limits (`Service.usage` reports what the last run
+    used) and network (`Service.network` has the veth pair's addresses).
+
+    Raises:
+        TypeError, ValueError: naming the field and what to pass instead.
+    """
+
+    command: tuple[str, ...] = attrs.field(converter=_command)
+    name: str = attrs.field(  # type: ignore[assignment]  # None becomes the program's name
+        default=None,
+        kw_only=True,
+        validator=attrs.validators.optional(attrs.validators.instance_of(str)),
+    )
+    namespaces: frozenset[str] = attrs.field(
+        factory=default_namespaces, kw_only=True, converter=normalize_namespaces
+    )
+    mappings: tuple[FileSystemMapping, ...] = attrs.field(
+        default=(), kw_only=True, converter=_mappings
+    )
+    user: str | int | None = attrs.field(default=None, kw_only=True, validator=_account)
+    group: str | int | None = attrs.field(default=None, kw_only=True, validator=_account)
+    supplementary_groups: tuple[str | int, ...] = attrs.field(
+        default=(), kw_only=True, converter=tuple, validator=_accounts
+    )
+    log_file: str | None = attrs.field(default=None, kw_only=True, converter=_log_file)
+    pid_file: str | None = attrs.field(default=None, kw_only=True, converter=_pid_file)
+    pid_file_timeout: float = attrs.field(
+        default=5.0, kw_only=True, validator=seconds(zero_allowed=False)
+    )
+    directory: str = attrs.field(default="/", kw_only=True, converter=_directory)
+    environment: tuple[tuple[str, str], ...] | None = attrs.field(
+        default=None, kw_only=True, converter=_environment
+    )
+    resource_limits: tuple[tuple[str, int, int], ...] = attrs.field(
+        factory=dict, kw_only=True, converter=_resource_limits
+    )
+    file_creation_mask: int | None = attrs.field(default=None, kw_only=True, validator=_umask)
+    grace_period: float = attrs.field(
+        default=5.0, kw_only=True, validator=seconds(zero_allowed=True)
+    )
+    respawn: bool = attrs.field(default=False, kw_only=True, validator=boolean)
+    writable_root: bool = attrs.field(default=True, kw_only=True, validator=boolean)
+
+    def __attrs_post_init__(self) -> None:
+        if self.name is None:
+            object.__setattr__(self, "name", os.path.basename(self.command[0]))
+        check_rules(
+            self,
+            needing_mnt=(
+                ("root", self.root),
+                ("mappings", self.mappings),
+                ("populate", self.populate),
+            ),
+        )
+
+    def container_spec(self, environ: Mapping[str, str] | None = None) -> ContainerSpec:
+        """Return the spec of the service's container.
+
+        Its mounts are `default_mounts(namespaces)`, the mappings, and the
+        log file (writable), when the service has a mount namespace; its
+        environment is `environment`, or `environ` (the caller's, by
+        default) when that is None.
+        """
+        mounts: list[MountItem] = []
+        if "mnt" in self.namespaces:
+            mounts.extend(default_mounts(self.namespaces))
+            mounts.extend(self.mappings)
+            if self.log_file is not None:
+                mounts.append(FileSystemMapping(self.log_file, writable=True))
+        env = self.environment
+        if env is None:
+            env = tuple((os.environ if environ is None else environ).items())
+        shared = {field.name: getattr(self, field.name) for field in attrs.fields(SharedOptions)}
+        return ContainerSpec(**shared, mounts=mounts, env=env, cwd=self.directory, new_session=True)
+
+
+def _lookup_user(user: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise UnknownAccountError(
+            f"unknown user {user!r}: no such entry in this host's user database; "
+            "create it, or pass a uid"
+        ) from None
+
+
+def _lookup_group(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UnknownAccountError(
+            f"unknown group {group!r}: no such entry in this host's group database; "
+            "create it, or pass a gid"
+        ) from None
+
+
+def _uid_only(uid: int) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        # A uid without an account keeps the gid it is given, or its own number.
+        return uid, uid
+    return entry.pw_uid, entry.pw_gid
+
+
+def service_config(spec: ServiceSpec) -> ServiceConfig:
+    """Resolve the spec's names into the numbers the container needs.
+
+    Raises:
+        UnknownAccountError: for a user or group this host does not know.
+    """
+    uid: int | None = None
+    gid: int | None = None
+    if isinstance(spec.user, str):
+        entry = _lookup_user(spec.user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    elif isinstance(spec.user, int):
+        uid, gid = _uid_only(spec.user)
+    if spec.group is not None:
+        gid = _lookup_group(spec.group)
+    groups: tuple[int, ...] | None = None
+    if spec.supplementary_groups or spec.user is not None:
+        # With a user, drop root's supplementary groups (Shepherd sets them
+        # to exactly the given list).
+        groups = tuple(_lookup_group(g) for g in spec.supplementary_groups)
+    return ServiceConfig(
+        pid_file=spec.pid_file,
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        umask=spec.file_creation_mask,
+        rlimits=tuple(
+            (_RLIMIT_NAMES[name], soft, hard) for name, soft, hard in spec.resource_limits
+        ),
+        directory=spec.directory,
+        init="pid" in spec.namespaces,
+    )
