@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "shutdown_fork_server": "_core.client",
     "Container": "_core.container",
-    "Target": "_plan",
+    "Target": "_plan.build",
     "ContainerSpec": "_spec.container",
     "ContainerOptions": "_spec.container",
     "call_with_container": "_core.container",
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from ._core.excursion import container_excursion, container_excursion_value
     from ._core.pidfile import read_pid_file
     from ._errors import ContainerError
-    from ._plan import Target
+    from ._plan.build import Target
     from ._services.group import Service, ServiceGroup
     from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
     from ._spec.capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES

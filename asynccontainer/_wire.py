@@ -54,6 +54,7 @@ __all__ = [
     "SetupFailed",
     "SpawnFailed",
     "SpawnRequest",
+    "StepFailed",
     "encode_frame",
     "recv_frame",
     "send_frame",
@@ -109,10 +110,10 @@ class ExceptionInfo:
             pickled = pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
         return cls(pickled, text)
 
-    def rebuild(self) -> BaseException:
-        """Return the exception, with the remote traceback attached as a note."""
+    def rebuild(self, where: str = "") -> BaseException:
+        """Return the exception, with the remote traceback (and `where`) attached as a note."""
         exc: BaseException = pickle.loads(self.pickled)
-        exc.add_note(f"Raised in the container process:\n{self.traceback.rstrip()}")
+        exc.add_note(f"Raised in the container process{where}:\n{self.traceback.rstrip()}")
         return exc
 
 
@@ -144,14 +145,14 @@ class Exited:
 class ContainerSetup:
     """Caller to container: everything it needs (fds: stdin, stdout, stderr)."""
 
-    config: object  # a ContainerConfig; typed loosely to keep this module at the bottom
+    plan: object  # a ContainerPlan; typed loosely to keep this module below the plan
 
 
 @attrs.frozen
 class ExcursionSetup:
     """Caller to excursion process: what to run (fds: stdin, stdout, stderr, target pidfd)."""
 
-    config: object  # an ExcursionConfig
+    plan: object  # an ExcursionPlan
 
 
 @attrs.frozen
@@ -176,6 +177,23 @@ class Ready:
 @attrs.frozen
 class Execing:
     """Container to caller: set-up done; exec follows (EOF means it worked)."""
+
+
+@attrs.frozen
+class StepFailed:
+    """Container to caller: step `index` of its plan raised.
+
+    An OSError comes as its errno and strerror (and the file name it named,
+    if any), for the caller to rebuild naming the user's own path; any
+    other exception comes as `error`. `traceback` is the child's.
+    """
+
+    index: int
+    errno: int | None
+    strerror: str | None
+    filename: str | None
+    error: ExceptionInfo | None
+    traceback: str
 
 
 @attrs.frozen

@@ -14,6 +14,18 @@ import anyio
 
 import asynccontainer as ac
 
+# For a container that makes containers of its own without root: the kernel
+# lets a user namespace mount proc and sysfs only if a fully visible
+# instance is mounted already (mount_too_revealing() in fs/namespace.c),
+# and /proc and /sys have masked paths. These instances have none; they
+# show the outer container's own pid and net namespaces.
+NESTING_MOUNTS = (
+    ac.FileSystem("proc", "/run/unmasked/proc", "proc", flags={"no-suid", "no-dev", "no-exec"}),
+    ac.FileSystem(
+        "sysfs", "/run/unmasked/sys", "sysfs", flags={"no-suid", "no-dev", "no-exec", "read-only"}
+    ),
+)
+
 
 async def output_of(target: Any, *, with_stderr: bool = False, **keywords: Any) -> tuple[int, str]:
     """Run `target` with `run_container(**keywords)`; return (returncode, its stdout).

@@ -67,7 +67,7 @@ async def raised_by_the_container(
     exc = info.value
     assert type(exc) is error
     notes = getattr(exc, "__notes__", [])
-    assert any(note.startswith("Raised in the container process:") for note in notes), notes
+    assert any(note.startswith("Raised in the container process") for note in notes), notes
     # The failed container was killed and reaped before the call returned.
     assert server_children() == set()
     return exc
@@ -482,10 +482,10 @@ async def test_setup_failure_carries_the_containers_traceback() -> None:
         ValueError, r"^populate failed on purpose\n", lambda: None, populate=populate
     )
     note = "\n".join(exc.__notes__)
-    # The traceback is the container's: it names the hook and where it ran.
+    # The traceback is the container's: it names the hook and the step it ran in.
     assert "Traceback (most recent call last)" in note
     assert "in populate" in note
-    assert "mount_file_systems" in note
+    assert "running the populate hook" in note
 
 
 # -- stop() ----------------------------------------------------------------------

@@ -111,7 +111,15 @@ async def main():
     return await ac.call_with_container(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *argv],
         namespaces=["mnt", "pid", "ipc", "uts", "net"],
-        mounts=[*ac.HOST_SYSTEM_MAPPINGS, ac.WRITABLE_TMP, *mappings],
+        # A proc and a sysfs without masks, so that the user namespaces
+        # of the program's containers may mount their own (see capture.py).
+        mounts=[
+            *ac.HOST_SYSTEM_MAPPINGS,
+            ac.WRITABLE_TMP,
+            *mappings,
+            ac.FileSystem("proc", "/run/unmasked/proc", "proc"),
+            ac.FileSystem("sysfs", "/run/unmasked/sys", "sysfs", flags={"read-only"}),
+        ],
         env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"},
         cwd=os.getcwd(),
     )

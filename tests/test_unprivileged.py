@@ -9,8 +9,9 @@ The unprivileged pytest runs inside a container made by asynccontainer
 itself (as root, without a user namespace): the interpreter may live where
 `nobody` cannot reach (a pyenv under /root, mode 0700); mapped into a fresh
 tmpfs root, its parent directories are created world-readable, and the paths
-stay the same. Its /proc and /sys are fresh and fully visible, which the
-kernel requires before it lets a user namespace mount its own.
+stay the same. It mounts a proc and a sysfs of its own without masks
+(`NESTING_MOUNTS`), which the kernel requires before it lets a user
+namespace mount its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from capture import NESTING_MOUNTS
 
 import asynccontainer as ac
 
@@ -69,7 +71,7 @@ async def test_cases_pass_as_an_unprivileged_user(tmp_path: Path) -> None:
                 "tests/unprivileged",
             ],
             namespaces=["mnt", "pid", "ipc", "uts", "net"],
-            mounts=[*ac.HOST_SYSTEM_MAPPINGS, *python_mappings(), ac.WRITABLE_TMP],
+            mounts=[*ac.HOST_SYSTEM_MAPPINGS, *python_mappings(), ac.WRITABLE_TMP, *NESTING_MOUNTS],
             env={
                 "PATH": "/usr/local/bin:/usr/bin:/bin",
                 "HOME": "/tmp",

@@ -294,10 +294,13 @@ async def receive_status(
     raise ContainerError(f"unexpected message from the fork server: {message!r}")
 
 
-def rebuild_exception(info: ExceptionInfo) -> BaseException:
-    """Return the remote exception, or a ContainerError when it cannot be unpickled here."""
+def rebuild_exception(info: ExceptionInfo, where: str = "") -> BaseException:
+    """Return the remote exception, or a ContainerError when it cannot be unpickled here.
+
+    `where` (" at step 3 of 20, ...") goes into the note beside its traceback.
+    """
     try:
-        return info.rebuild()
+        return info.rebuild(where)
     except Exception as exc:
         return ContainerError(
             f"the container raised an exception that cannot be unpickled here ({exc!r}):\n"

@@ -22,7 +22,8 @@ import anyio
 
 from .. import _kernel
 from .._errors import ContainerError
-from .._plan import ContainerConfig, Target, plan_container
+from .._plan.build import Target, plan_container
+from .._plan.steps import ContainerPlan
 from .._spec.container import ContainerOptions, ContainerSpec, resolve_spec
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
@@ -35,6 +36,7 @@ from .._wire import (
     SetupFailed,
     SpawnFailed,
     SpawnRequest,
+    StepFailed,
 )
 from .client import (
     AsyncFrameChannel,
@@ -68,14 +70,8 @@ class Container:
         self._status: AsyncFrameChannel | None = status
         self._returncode: int | None = None
         self._wait_lock = anyio.Lock()
-        self._root_fd: int | None = None
         self._usage: ResourceUsage | None = None
         self._network: VethNetwork | None = None
-
-    def _set_root(self, fd: int) -> None:
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-        self._root_fd = fd
 
     @property
     def pid(self) -> int:
@@ -133,9 +129,6 @@ class Container:
         self._close()
 
     def _close(self) -> None:
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-            self._root_fd = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -319,27 +312,45 @@ async def run_container(
     Cancellation: if cancelled, the container (if it was created) is killed
     and reaped before the cancellation propagates.
     """
-    config, request = plan_container(resolve_spec(spec, options), target)
+    resolved = resolve_spec(spec, options)
     stdio = _StdioFds()
     try:
         stdio.add("stdin", 0, stdin)
         stdio.add("stdout", 1, stdout)
         stdio.add("stderr", 2, stderr)
-        return await _spawn(config, request, [*stdio.fds, *config.pass_fds])
+        console = os.ttyname(stdio.fds[0]) if os.isatty(stdio.fds[0]) else None
+        plan, request = plan_container(resolved, target, console=console)
+        container, root = await spawn(plan, request, [*stdio.fds, *resolved.pass_fds])
     finally:
         stdio.close()
+    if root is not None:
+        os.close(root)  # not asked for: the plan has no send_root
+    return container
 
 
-async def _spawn(config: ContainerConfig, request: SpawnRequest, stdio: list[int]) -> Container:
-    container, handshake = await start_process(request, ContainerSetup(config), stdio)
+async def spawn(
+    plan: ContainerPlan, request: SpawnRequest, fds: list[int]
+) -> tuple[Container, int | None]:
+    """Start a container that runs `plan`; return it once ready, with the root's fd if sent.
+
+    The root's fd (O_PATH, the caller's to close) comes when the plan's
+    last step has `send_root`: files inside stay reachable through it
+    after the container's first process exits.
+
+    Raises:
+        What the plan's failing step raised, rebuilt (see `await_ready`).
+
+    Cancellation: the container is killed and reaped first.
+    """
+    container, handshake = await start_process(request, ContainerSetup(plan), fds)
     try:
-        await await_ready(container, handshake)
+        root = await await_ready(container, handshake, plan)
     except BaseException:
         await container._kill_and_reap()
         raise
     finally:
         handshake.close()
-    return container
+    return container, root
 
 
 async def start_process(
@@ -408,39 +419,73 @@ async def next_reply(handshake: AsyncFrameChannel, keep: list[int] | None = None
     return reply
 
 
-async def await_ready(container: Container, handshake: AsyncFrameChannel) -> None:
-    """Wait until the process reports that its target runs.
+async def await_ready(
+    container: Container, handshake: AsyncFrameChannel, plan: ContainerPlan | None = None
+) -> int | None:
+    """Wait until the process reports that its target runs; return the root's fd if it sent one.
 
     Raises:
         The exception its set-up or exec raised (after reaping it), or
         ContainerError if it died without a word.
     """
     execing = False
+    root: int | None = None
     while True:
-        root: list[int] = []
-        reply = await next_reply(handshake, root)
-        if root:
+        received: list[int] = []
+        reply = await next_reply(handshake, received)
+        for fd in received:
             # The container's root, sent with its ready reply (send_root).
-            container._set_root(root.pop())
-            for fd in root:
+            if root is None and isinstance(reply, Ready | Execing):
+                root = fd
+            else:
                 os.close(fd)
         if reply is None:
             if execing:
-                return
+                return root
             returncode = await container.wait()
             raise ContainerError(
                 f"the container process exited during its set-up with status {returncode} "
                 "before reporting an error (killed from outside?)"
             )
         if isinstance(reply, Ready):
-            return
+            return root
         if isinstance(reply, Execing):
             execing = True
-        elif isinstance(reply, SetupFailed):
+        elif isinstance(reply, StepFailed | SetupFailed):
+            if root is not None:
+                os.close(root)
             await container.wait()
-            raise rebuild_exception(reply.error)
+            raise rebuild_failure(reply, plan)
         else:
             raise ContainerError(f"unexpected message from the container: {reply!r}")
+
+
+def rebuild_failure(failure: StepFailed | SetupFailed, plan: ContainerPlan | None) -> BaseException:
+    """Return the exception a container reported, naming the step and the user's own path.
+
+    An OSError is rebuilt here from its errno, with the path the step is
+    about as the user gave it; any other exception is unpickled.
+    """
+    if isinstance(failure, SetupFailed):
+        return rebuild_exception(failure.error)
+    steps = plan.steps if plan is not None else ()
+    step = steps[failure.index] if 0 <= failure.index < len(steps) else None
+    where = (
+        "" if step is None else f" at step {failure.index + 1} of {len(steps)}, {step.describe()}"
+    )
+    exc: BaseException
+    if failure.errno is not None:
+        filename = step.path if step is not None and step.path is not None else failure.filename
+        strerror = failure.strerror or os.strerror(failure.errno)
+        exc = (
+            OSError(failure.errno, strerror, filename)
+            if filename
+            else OSError(failure.errno, strerror)
+        )
+        exc.add_note(f"Raised in the container process{where}:\n{failure.traceback.rstrip()}")
+        return exc
+    assert failure.error is not None
+    return rebuild_exception(failure.error, where)
 
 
 async def _drain(status: AsyncFrameChannel, *, kill: bool = False) -> None:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 
 from .. import _kernel
 from .._errors import ContainerError
-from .._plan import ExcursionConfig, check_command, pickle_callable
+from .._plan.build import check_command, pickle_callable
+from .._plan.steps import ExcursionPlan
 from .._spec.checks import environment
 from .._wire import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest
 from .client import AsyncFrameChannel, rebuild_exception
@@ -58,16 +59,16 @@ def _target_pidfd(pid_or_container: int | Container) -> tuple[int, bool]:
         ) from None
 
 
-def _config(target: Target, env: Mapping[str, str] | None, want_value: bool) -> ExcursionConfig:
+def _config(target: Target, env: Mapping[str, str] | None, want_value: bool) -> ExcursionPlan:
     if callable(target):
-        return ExcursionConfig(
+        return ExcursionPlan(
             env=environment("env", env) or (),
             command=None,
             pickled_callable=pickle_callable("target", target),
             want_value=want_value,
             sys_path=tuple(sys.path),
         )
-    return ExcursionConfig(
+    return ExcursionPlan(
         env=environment("env", env) or (),
         command=check_command(target),
         pickled_callable=None,
@@ -78,7 +79,7 @@ def _config(target: Target, env: Mapping[str, str] | None, want_value: bool) -> 
 
 async def _start(
     pid_or_container: int | Container,
-    config: ExcursionConfig,
+    config: ExcursionPlan,
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,

@@ -16,9 +16,16 @@ from typing import NoReturn
 import cloudpickle
 
 from .. import _kernel
-from .._plan import ExcursionConfig
-from .._wire import ExceptionInfo, Raised, Returned, SetupFailed
-from .target import EXIT_PARENT_DIED, EXIT_SETUP_FAILED, install_stdio, report, run_target, unpickle
+from .._plan.steps import ExcursionPlan
+from .._wire import ExceptionInfo, Execing, Raised, Ready, Returned, SetupFailed
+from .target import (
+    EXIT_EXEC_FAILED,
+    EXIT_PARENT_DIED,
+    EXIT_SETUP_FAILED,
+    report,
+    run_callable,
+    unpickle,
+)
 
 __all__ = ["join_namespaces", "run_excursion"]
 
@@ -71,7 +78,45 @@ def join_namespaces(pidfd: int) -> int:
     return flags
 
 
-def run_excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[int]) -> NoReturn:
+def _install_stdio(stdio: list[int]) -> None:
+    for number, fd in enumerate(stdio):
+        os.dup2(fd, number)
+    for fd in stdio:
+        if fd > 2:
+            os.close(fd)
+
+
+def _run_target(
+    handshake: socket.socket,
+    command: tuple[str, ...] | None,
+    target: object,
+    env: dict[str, str],
+    send_root: bool = False,
+) -> NoReturn:
+    """Exec the command or run the callable, reporting on the handshake first."""
+    root = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)] if send_root else []
+    if command is not None:
+        report(handshake, Execing(), root)
+        try:
+            # The handshake socket is close-on-exec: its end-of-file tells
+            # the caller that this exec succeeded.
+            os.execvpe(command[0], list(command), env)
+        except OSError as exc:
+            # As subprocess reports it: the program as it was given, not the
+            # last PATH entry execvpe happened to try.
+            error = OSError(exc.errno, exc.strerror, command[0])
+            report(handshake, SetupFailed(ExceptionInfo.capture(error)))
+            os._exit(EXIT_EXEC_FAILED)
+    os.environ.clear()
+    os.environ.update(env)
+    report(handshake, Ready(), root)
+    handshake.close()
+    for fd in root:
+        os.close(fd)
+    run_callable(target)
+
+
+def run_excursion(handshake: socket.socket, config: ExcursionPlan, fds: list[int]) -> NoReturn:
     """Guix's container-excursion: join the target's namespaces, fork, run there."""
     try:
         # In the target's user namespace its processes hold CAP_SYS_PTRACE:
@@ -85,7 +130,7 @@ def run_excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[i
         if len(fds) != 4:
             raise ValueError(f"an excursion needs 4 fds, got {len(fds)}")
         target = unpickle(config.pickled_callable, config.sys_path)
-        install_stdio(fds[:3])
+        _install_stdio(fds[:3])
         join_namespaces(fds[3])
         os.close(fds[3])
         os.chdir("/")
@@ -103,7 +148,7 @@ def run_excursion(handshake: socket.socket, config: ExcursionConfig, fds: list[i
         env = dict(config.env)
         if config.want_value:
             _return_value(handshake, target, env)
-        run_target(handshake, config.command, target, env)
+        _run_target(handshake, config.command, target, env)
     handshake.close()
     _, status = os.waitpid(child, 0)
     _exit_like(status)

@@ -48,9 +48,9 @@ from .._wire import (
     recvmsg_fds,
 )
 from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
-from .child import container_main
 from .idmaps import write_id_maps
 from .veth import create_veth, delete_veth
+from .zygote import container_main
 
 __all__ = ["main", "serve"]
 

@@ -23,6 +23,7 @@ import signal
 import socket
 
 __all__ = [
+    "AT_FDCWD",
     "CLONE_NEWCGROUP",
     "CLONE_NEWIPC",
     "CLONE_NEWNET",
@@ -106,6 +107,9 @@ PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_SET_CHILD_SUBREAPER = 36
+
+# <linux/fcntl.h>: the dirfd that means the working directory.
+AT_FDCWD = -100
 
 # <linux/openat2.h>
 RESOLVE_NO_XDEV = 0x01

@@ -19,17 +19,16 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
-import attrs
 
 from .. import _kernel
-from .._core.container import Container, _spawn, _StdioFds
+from .._core.container import Container, _StdioFds, spawn
 from .._core.pidfile import PidTranslator, wait_for_pid_file
 from .._errors import ContainerError
-from .._plan import plan_container
+from .._plan.build import plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
 from .logs import LineLogger, prepare_log_file
-from .spec import ServiceSpec, service_config
+from .spec import ServiceSpec, service_extras
 
 __all__ = ["Service", "ServiceGroup"]
 
@@ -153,18 +152,10 @@ class Service:
         Cancellation or failure: whatever was started is stopped first.
         """
         spec = self.spec
-        config = service_config(spec)
+        extras = service_extras(spec)
         if spec.log_file is not None:
-            prepare_log_file(spec.log_file, config)
-        container_config, request = plan_container(
-            spec.container_spec(), list(spec.command), service=config
-        )
-        container_config = attrs.evolve(
-            container_config,
-            # A daemon's PID file is read in its mount namespace, through
-            # the container's root, which the first process may not outlive.
-            send_root=spec.pid_file is not None and "mnt" in spec.namespaces,
-        )
+            prepare_log_file(spec.log_file, extras)
+        plan, request = plan_container(spec.container_spec(), list(spec.command), extras=extras)
 
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
@@ -178,7 +169,7 @@ class Service:
             stdio.add("stdin", 0, subprocess.DEVNULL)
             stdio.add("stdout", 1, write_fd)
             stdio.add("stderr", 2, write_fd)
-            container = await _spawn(container_config, request, [*stdio.fds, *spec.pass_fds])
+            container, root = await spawn(plan, request, [*stdio.fds, *spec.pass_fds])
         except BaseException:
             logger.close()
             raise
@@ -187,10 +178,9 @@ class Service:
             os.close(write_fd)
         self._group._run(logger.run, f"log of {spec.name}", logger.done)
         self._container = container
-        # The service keeps the root: the container closes its own copy when
-        # its first process exits, which a forking daemon's parent does.
-        self._set_root(container._root_fd)
-        container._root_fd = None
+        # The root stays reachable through it after the container's first
+        # process exits, which a forking daemon's parent does.
+        self._set_root(root)
         self._pid = None
         self._returncode = None
         self._ended = anyio.Event()

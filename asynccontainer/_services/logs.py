@@ -13,14 +13,14 @@ import time
 
 import anyio
 
-from .._plan import ServiceConfig
+from .._plan.build import Extras
 
 __all__ = ["LineLogger", "prepare_log_file"]
 
 _LOG_MODE = 0o640
 
 
-def prepare_log_file(path: str, config: ServiceConfig) -> None:
+def prepare_log_file(path: str, config: Extras) -> None:
     """Create the log file (and its directory) if missing: mode 0640, owned by the user.
 
     Raises:

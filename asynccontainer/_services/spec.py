@@ -17,7 +17,8 @@ from typing import Any
 
 import attrs
 
-from .._plan import ServiceConfig
+from .._plan import steps
+from .._plan.build import Extras
 from .._spec.checks import absolute_path, boolean, environment, seconds
 from .._spec.container import ContainerSpec, SharedOptions, check_rules
 from .._spec.filesystems import (
@@ -37,7 +38,7 @@ __all__ = [
     "UnknownAccountError",
     "default_mounts",
     "default_namespaces",
-    "service_config",
+    "service_extras",
 ]
 
 
@@ -343,8 +344,13 @@ def _uid_only(uid: int) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def service_config(spec: ServiceSpec) -> ServiceConfig:
-    """Resolve the spec's names into the numbers the container needs.
+def service_extras(spec: ServiceSpec) -> Extras:
+    """Return what the service adds to its container's plan, names resolved to numbers.
+
+    Shepherd's steps: after the container is set up, /var/run is made and
+    a stale PID file removed (before the root turns read-only); before
+    exec, setrlimit, setgroups, setgid, setuid and umask. With a pid
+    namespace, an init that stays while any process is left.
 
     Raises:
         UnknownAccountError: for a user or group this host does not know.
@@ -363,8 +369,10 @@ def service_config(spec: ServiceSpec) -> ServiceConfig:
         # With a user, drop root's supplementary groups (Shepherd sets them
         # to exactly the given list).
         groups = tuple(_lookup_group(g) for g in spec.supplementary_groups)
-    return ServiceConfig(
-        pid_file=spec.pid_file,
+    prepare: list[steps.Step] = [steps.MakeDirectory("/var/run")]
+    if spec.pid_file is not None:
+        prepare.append(steps.RemovePath(spec.pid_file))
+    return Extras(
         uid=uid,
         gid=gid,
         groups=groups,
@@ -372,6 +380,9 @@ def service_config(spec: ServiceSpec) -> ServiceConfig:
         rlimits=tuple(
             (_RLIMIT_NAMES[name], soft, hard) for name, soft, hard in spec.resource_limits
         ),
-        directory=spec.directory,
-        init="pid" in spec.namespaces,
+        init_for_all=True,
+        prepare=tuple(prepare),
+        # A daemon's PID file is read in its mount namespace, through the
+        # container's root, which the first process may not outlive.
+        send_root=spec.pid_file is not None and "mnt" in spec.namespaces,
     )

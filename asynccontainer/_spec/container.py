@@ -208,8 +208,9 @@ class ContainerSpec(SharedOptions):
         lock_mounts: with "mnt" and "user", lock the mounts so the container
             cannot unmount them to see what they cover, nor remount them
             writable (maps only the guest uid/gid in a nested user
-            namespace). False lets it undo them: the masks of /proc
-            included.
+            namespace). With False, a container that keeps CAP_SYS_ADMIN
+            (capabilities=None) can undo them, the masks of /proc and
+            /sys included.
         hostname: the host name in the container's "uts" namespace.
         env: None for an empty environment (Guix purifies it); else exactly
             this mapping (kept as (name, value) pairs: `dict(spec.env)`).
