@@ -14,11 +14,14 @@ import anyio
 
 import asynccontainer as ac
 
-# For a container that makes containers of its own without root: the kernel
-# lets a user namespace mount proc and sysfs only if a fully visible
-# instance is mounted already (mount_too_revealing() in fs/namespace.c),
-# and /proc and /sys have masked paths. These instances have none; they
-# show the outer container's own pid and net namespaces.
+# For a container that makes containers of its own (root's, for a user who
+# is not): the kernel lets a user namespace mount proc and sysfs only if a
+# fully visible instance is mounted already (mount_too_revealing() in
+# fs/namespace.c), and /proc and /sys have masked paths. These instances
+# have none; they show the outer container's own pid and net namespaces.
+# And the set-up inside needs openat2, which the default filter of a root
+# caller's container refuses (it cannot see the mode openat2 creates with).
+NESTING_SECCOMP = ac.SeccompPolicy(deny_setuid_files=False)
 NESTING_MOUNTS = (
     ac.FileSystem("proc", "/run/unmasked/proc", "proc", flags={"no-suid", "no-dev", "no-exec"}),
     ac.FileSystem(

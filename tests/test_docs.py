@@ -122,6 +122,7 @@ async def main():
         ],
         env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"},
         cwd=os.getcwd(),
+        seccomp=ac.SeccompPolicy(deny_setuid_files=False),
     )
 
 

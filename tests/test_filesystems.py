@@ -700,7 +700,7 @@ async def test_writable_tmp_on_a_read_only_root() -> None:
 
 
 async def test_network_file_mappings_show_the_hosts_files() -> None:
-    """NETWORK_FILE_MAPPINGS: /etc/resolv.conf (writable), nsswitch.conf, services, hosts."""
+    """NETWORK_FILE_MAPPINGS: /etc/resolv.conf, nsswitch.conf, services, hosts, all read-only."""
     present = [m for m in ac.NETWORK_FILE_MAPPINGS if os.path.exists(m.source)]
     assert present, "none of the network files exists on this host"
     host = {m.target: Path(m.source).read_text() for m in present}
@@ -716,7 +716,8 @@ async def test_network_file_mappings_show_the_hosts_files() -> None:
     result = await inside(look, mounts=present)
     assert result["text"] == host
     assert result["rw"] == {m.target: m.writable for m in present}
-    assert {m.target for m in ac.NETWORK_FILE_MAPPINGS if m.writable} == {"/etc/resolv.conf"}
+    # Guix maps resolv.conf writable; a root caller's container could rewrite the host's.
+    assert {m.target for m in ac.NETWORK_FILE_MAPPINGS if m.writable} == set()
 
 
 # -- loopback ------------------------------------------------------------------------
@@ -1012,7 +1013,7 @@ def test_stock_lists() -> None:
     ]
     assert "newinstance" in (ac.CONTAINER_FILE_SYSTEMS[0].options or "")
     assert [(m.source, m.target, m.writable) for m in ac.NETWORK_FILE_MAPPINGS] == [
-        ("/etc/resolv.conf", "/etc/resolv.conf", True),
+        ("/etc/resolv.conf", "/etc/resolv.conf", False),
         ("/etc/nsswitch.conf", "/etc/nsswitch.conf", False),
         ("/etc/services", "/etc/services", False),
         ("/etc/hosts", "/etc/hosts", False),

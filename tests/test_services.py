@@ -683,7 +683,7 @@ def test_default_mounts() -> None:
     for mapping in ac.NETWORK_FILE_MAPPINGS:
         if os.path.exists(mapping.source):
             assert by_point[mapping.target] == mapping.to_bind_mount()
-    assert "read-only" not in by_point["/etc/resolv.conf"].flags
+    assert "read-only" in by_point["/etc/resolv.conf"].flags
     assert "/etc/localtime" in by_point
     assert "read-only" in by_point["/usr"].flags
     # Every bind mount's source exists.

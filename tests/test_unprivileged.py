@@ -11,7 +11,7 @@ itself (as root, without a user namespace): the interpreter may live where
 tmpfs root, its parent directories are created world-readable, and the paths
 stay the same. It mounts a proc and a sysfs of its own without masks
 (`NESTING_MOUNTS`), which the kernel requires before it lets a user
-namespace mount its own.
+namespace mount its own, and allows openat2 (`NESTING_SECCOMP`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from capture import NESTING_MOUNTS
+from capture import NESTING_MOUNTS, NESTING_SECCOMP
 
 import asynccontainer as ac
 
@@ -78,6 +78,7 @@ async def test_cases_pass_as_an_unprivileged_user(tmp_path: Path) -> None:
                 "PYTHONDONTWRITEBYTECODE": "1",
             },
             cwd=str(REPOSITORY),
+            seccomp=NESTING_SECCOMP,
             stdin=None,
             stdout=output,
             stderr=output,

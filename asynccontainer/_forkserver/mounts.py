@@ -42,9 +42,22 @@ def open_beneath(root: int, path: str, flags: int = os.O_PATH) -> int:
     """Open the container path `path` beneath the root fd `root` (links resolve inside it).
 
     Raises:
-        OSError: ENOENT when it does not exist there.
+        OSError: ENOENT when it does not exist there; ENOSYS when openat2(2)
+            is refused, as the default seccomp filter of a root caller's
+            container does (see SeccompPolicy.deny_setuid_files).
     """
-    return _kernel.openat2(root, path, flags, _RESOLVE_IN_ROOT)
+    try:
+        return _kernel.openat2(root, path, flags, _RESOLVE_IN_ROOT)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        raise OSError(
+            errno.ENOSYS,
+            "openat2 is refused here: inside a root caller's container the default seccomp "
+            "filter refuses it; give that container "
+            "seccomp=SeccompPolicy(deny_setuid_files=False) to make containers in it",
+            path,
+        ) from None
 
 
 def make_beneath(root: int, path: str, *, directory: bool) -> int:

@@ -455,7 +455,7 @@ def _process_steps(spec: ContainerSpec, extras: Extras) -> list[steps.Step]:
         # the permitted set without PR_SET_KEEPCAPS.
         result.append(
             steps.LimitBoundingSet(
-                capability_numbers(spec.capabilities),
+                _kept_capabilities(spec),
                 required=not spec.keeps_default_capabilities,
                 keep_across_setuid=switching_user,
             )
@@ -471,6 +471,32 @@ def _process_steps(spec: ContainerSpec, extras: Extras) -> list[steps.Step]:
     return result
 
 
+# A root caller's container is root, on the host, over every file it may
+# write: a file capability it sets (security.capability, which needs
+# CAP_SETFCAP; in a user namespace whose root is the host's root it is
+# recorded for the host's root too) or a setuid bit it keeps while
+# rewriting a file (CAP_FSETID) would grant privilege to whoever runs the
+# file on the host. The default set keeps neither for such a caller; the
+# seccomp filter refuses the setuid and setgid bits (SeccompPolicy).
+_HOST_PRIVILEGE_CAPABILITIES = frozenset({"CAP_SETFCAP", "CAP_FSETID"})
+
+
+def _kept_capabilities(spec: ContainerSpec) -> frozenset[int]:
+    assert spec.capabilities is not None
+    names = spec.capabilities
+    if spec.keeps_default_capabilities and os.geteuid() == 0:
+        names = names - _HOST_PRIVILEGE_CAPABILITIES
+    return capability_numbers(names)
+
+
+def _seccomp_program(spec: ContainerSpec) -> bytes | None:
+    policy = spec.seccomp
+    if policy is None:
+        return None
+    deny = policy.deny_setuid_files
+    return compile_policy(policy, deny_setuid_files=os.geteuid() == 0 if deny is None else deny)
+
+
 def _privilege_steps(spec: ContainerSpec) -> list[steps.Step]:
     """Return no_new_privs, the capability drop and the seccomp filter, in a working order.
 
@@ -479,9 +505,8 @@ def _privilege_steps(spec: ContainerSpec) -> list[steps.Step]:
     (seccomp(2)), so it then comes before the capabilities go.
     """
     keep = [steps.KeepCapabilities()] if spec.capabilities is not None else []
-    seccomp: list[steps.Step] = (
-        [] if spec.seccomp is None else [steps.LoadSeccomp(compile_policy(spec.seccomp))]
-    )
+    program = _seccomp_program(spec)
+    seccomp: list[steps.Step] = [] if program is None else [steps.LoadSeccomp(program)]
     if spec.no_new_privs:
         # execve(2) can no longer grant privileges: setuid and setgid bits
         # and file capabilities are ignored (prctl(2)); a container whose

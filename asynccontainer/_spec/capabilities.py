@@ -87,7 +87,11 @@ DEFAULT_CAPABILITIES: frozenset[str] = frozenset(
         "CAP_SYS_CHROOT",
     }
 )
-"""The capabilities a container's target keeps by default (Podman's default set)."""
+"""The capabilities a container's target keeps by default (Podman's default set).
+
+For a root caller the default is this set without CAP_SETFCAP and
+CAP_FSETID (see `ContainerSpec`).
+"""
 
 
 def _normalize(name: str) -> str:

@@ -245,8 +245,10 @@ class ContainerSpec(SharedOptions):
             DEFAULT_CAPABILITIES (Podman's set: no CAP_SYS_ADMIN,
             CAP_NET_ADMIN, CAP_NET_RAW or CAP_SYS_PTRACE; for a root
             caller, also without CAP_SETFCAP and CAP_FSETID, which would let
-            files in a writable mapping grant privilege on the host), of
-            which the process keeps what it holds; ALL_CAPABILITIES or None
+            files in a writable mapping grant privilege on the host, and
+            without which no uid 0 can be mapped into a nested user
+            namespace), of which the process keeps what it holds (a set
+            equal to DEFAULT_CAPABILITIES counts as it); ALL_CAPABILITIES or None
             keep everything root has in the container's user namespace. A
             set of your own must be held (no "user" namespace and not root:
             PermissionError when the container starts).

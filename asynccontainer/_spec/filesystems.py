@@ -227,12 +227,14 @@ CONTAINER_FILE_SYSTEMS: tuple[FileSystem, ...] = (
 """Guix's %container-file-systems: /dev/pts (a new devpts instance), /dev/shm, /dev/mqueue."""
 
 NETWORK_FILE_MAPPINGS: tuple[FileSystemMapping, ...] = (
-    FileSystemMapping("/etc/resolv.conf", writable=True),
+    # Read-only, unlike Guix's: a root caller's container could otherwise
+    # rewrite the host's resolver configuration.
+    FileSystemMapping("/etc/resolv.conf"),
     FileSystemMapping("/etc/nsswitch.conf"),
     FileSystemMapping("/etc/services"),
     FileSystemMapping("/etc/hosts"),
 )
-"""Guix's %network-file-mappings: what a program needs to resolve host names."""
+"""Guix's %network-file-mappings: what a program needs to resolve host names, read-only."""
 
 WRITABLE_TMP = FileSystem(
     "none", "/tmp", "tmpfs", flags=frozenset({"no-suid", "no-dev"}), options="mode=1777"

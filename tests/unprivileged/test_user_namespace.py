@@ -180,3 +180,19 @@ async def test_veth_network_takes_root() -> None:
     else:
         with pytest.raises(PermissionError, match="only root"):
             await ac.run_container(["true"], network="veth")
+
+
+async def test_setuid_bits_are_refused_only_for_a_root_caller() -> None:
+    """A root caller's files are root's on the host; an unprivileged caller's are its own.
+
+    So the default filter refuses the setuid bit only to the first
+    (tests/security/test_host_privilege.py has the attacks).
+    """
+    returncode, out = await run_sh(
+        "cp /bin/true /tmp/t && chmod u+s /tmp/t && stat -c %A /tmp/t",
+        mounts=[*SYSTEM, ac.WRITABLE_TMP],
+    )
+    if ROOT:
+        assert returncode != 0 and "Operation not permitted" in out, out
+    else:
+        assert (returncode, out) == (0, "-rwsr-xr-x\n"), out
