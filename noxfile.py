@@ -19,10 +19,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Check style and common mistakes with ruff."""
-    session.install("ruff>=0.6")
+    """Check style with ruff, the import contracts (pyproject.toml) and complexity."""
+    session.install("-e", ".", "ruff>=0.6", "import-linter>=2.1", "xenon>=0.9")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    # The layers point one way, and the fork server's side never imports anyio.
+    session.run("lint-imports")
+    # No function above radon's grade C (cyclomatic complexity 20).
+    session.run("xenon", "--max-absolute", "C", "asynccontainer")
 
 
 @nox.session(python=PYTHON)

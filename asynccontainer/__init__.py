@@ -16,6 +16,7 @@ Everything public is importable from here::
     )
 """
 
+import inspect
 from typing import TYPE_CHECKING
 
 # The names below are imported on first use (PEP 562), so that the fork
@@ -63,6 +64,24 @@ _EXPORTS = {
 }
 
 
+def _publish(value: object) -> None:
+    """Make a class or function report `asynccontainer` as its module, as trio's names do.
+
+    Its methods too: tracebacks, reprs and the docs then name the public
+    path, never the private module the code happens to live in. Pickles
+    refer to the public path, which loads the same object.
+    """
+    private = f"{__name__}."
+    if not (isinstance(value, type) or inspect.isfunction(value)):
+        return
+    if value.__module__.startswith(private):
+        value.__module__ = __name__
+        members = vars(value).values() if isinstance(value, type) else ()
+        for member in members:
+            if inspect.isfunction(member) and member.__module__.startswith(private):
+                member.__module__ = __name__
+
+
 def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
@@ -70,6 +89,7 @@ def __getattr__(name: str) -> object:
     import importlib
 
     value = getattr(importlib.import_module(f".{module}", __name__), name)
+    _publish(value)
     globals()[name] = value
     return value
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -206,11 +208,25 @@ async def test_stop_escalates_to_sigkill_for_pid_1_ignoring_sigterm() -> None:
 
 
 async def test_stop_with_sigterm_when_handled() -> None:
-    container = await ac.run_container(
-        ["sh", "-c", "trap 'exit 3' TERM; while :; do sleep 0.05; done"], mounts=SYSTEM
-    )
-    await anyio.sleep(0.2)  # let the trap be installed
-    assert await container.stop(grace=10) == 3
+    """PID 1 with a trap for SIGTERM exits by it.
+
+    The trap is installed before "ready" is printed: the stop waits for
+    that line, not for a time (a 0.2 s sleep lost 21 of 40 races).
+    """
+    read_end, write_end = os.pipe()
+    try:
+        container = await ac.run_container(
+            ["sh", "-c", "trap 'exit 3' TERM; echo ready; while :; do sleep 0.05; done"],
+            mounts=SYSTEM,
+            stdout=write_end,
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        with anyio.fail_after(10):
+            line = await anyio.to_thread.run_sync(reader.readline)
+        assert line == b"ready\n"
+        assert await container.stop(grace=10) == 3
 
 
 async def test_terminate_without_pid_namespace() -> None:
@@ -294,3 +310,36 @@ async def test_hundreds_of_containers_at_once() -> None:
         for _ in range(count):
             group.start_soon(one)
     assert results == [0] * count
+
+
+CLOSED_STDOUT = """
+import os, sys, anyio
+import asynccontainer as ac
+
+async def main():
+    # The event loop's own fds take the lowest free numbers: 1 among them.
+    read, write = os.pipe()
+    status = await ac.call_with_container(
+        # Python, not a shell: sh's own redirections move fd 1 about.
+        ["python3", "-c", "import os; os.write(2, os.readlink('/proc/self/fd/1').encode())"],
+        mounts=ac.HOST_SYSTEM_MAPPINGS,
+    )
+    os.write(2, f"\\nstatus {status}\\n".encode())
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_caller_started_without_stdout(backend: str) -> None:
+    """Its fd 1 is its event loop's (epoll) fd: the container gets /dev/null, the server is fine."""
+    result = subprocess.run(
+        f"exec {shlex.quote(sys.executable)} -c {shlex.quote(CLOSED_STDOUT)} {backend} >&-",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["/dev/null", "status 0"], result.stderr

@@ -25,6 +25,7 @@ import pytest
 from procfs import children_of, fork_server_containers
 
 import asynccontainer as ac
+from asynccontainer._core import client as _client
 
 GRACE = 0.5
 LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
@@ -949,3 +950,28 @@ async def test_wait_reports_the_last_process_of_the_namespace() -> None:
         with anyio.fail_after(5):
             assert await service.wait() == 5
         assert anyio.current_time() - started >= 0.2
+
+
+@pytest.mark.parametrize("namespaces", [None, ["mnt"]], ids=["default", "mnt-only"])
+async def test_leaving_a_group_after_the_fork_server_died(namespaces: list[str] | None) -> None:
+    """The group raises ContainerError at once; it once waited forever for the services' end.
+
+    Every process of the services dies with the server (PR_SET_PDEATHSIG);
+    the watchers must see the end, and no wait of the stop path is unbounded.
+    """
+    keywords: dict[str, Any] = {} if namespaces is None else {"namespaces": namespaces}
+    with anyio.fail_after(15):
+        with pytest.raises(ac.ContainerError, match="fork server"):
+            async with ac.ServiceGroup() as group:
+                services = [
+                    await group.start(ac.ServiceSpec(["sleep", "60"], **keywords)) for _ in range(3)
+                ]
+                server = _client._server
+                assert server is not None
+                os.kill(server.pid, signal.SIGKILL)
+                await anyio.to_thread.run_sync(server.process.wait)
+    for service in services:
+        assert service.returncode == -signal.SIGKILL
+        assert not service.running
+    # The dead server's control socket goes at the next start, or here.
+    ac.shutdown_fork_server()

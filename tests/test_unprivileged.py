@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,7 +72,9 @@ async def test_cases_pass_as_an_unprivileged_user(tmp_path: Path) -> None:
                 "tests/unprivileged",
             ],
             namespaces=["mnt", "pid", "ipc", "uts", "net"],
-            mounts=[*ac.HOST_SYSTEM_MAPPINGS, *python_mappings(), ac.WRITABLE_TMP, *NESTING_MOUNTS],
+            # /tmp first: a checkout or a virtual environment under /tmp is
+            # mapped over it, not hidden by it.
+            mounts=[ac.WRITABLE_TMP, *ac.HOST_SYSTEM_MAPPINGS, *python_mappings(), *NESTING_MOUNTS],
             env={
                 "PATH": "/usr/local/bin:/usr/bin:/bin",
                 "HOME": "/tmp",
@@ -86,3 +89,31 @@ async def test_cases_pass_as_an_unprivileged_user(tmp_path: Path) -> None:
     report = log.read_text(errors="replace")
     assert returncode == 0, f"the unprivileged run failed:\n{report}"
     assert " passed" in report and "skipped" not in report, report
+
+
+@pytest.mark.timeout(300)
+def test_the_unprivileged_run_works_from_a_checkout_under_tmp(tmp_path: Path) -> None:
+    """A checkout under /tmp was hidden by the container's own /tmp, mounted after it."""
+    checkout = tmp_path / "checkout"
+    for part in ("asynccontainer", "tests", "pyproject.toml"):
+        source = REPOSITORY / part
+        if source.is_dir():
+            shutil.copytree(source, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, checkout / part)
+    # The nobody inside must be able to reach it.
+    for directory in (tmp_path, checkout):
+        directory.chmod(0o755)
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-k", "asyncio"),
+            "tests/test_unprivileged.py::test_cases_pass_as_an_unprivileged_user",
+        ],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout, result.stdout

@@ -255,8 +255,14 @@ def _status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-async def _run(arguments: argparse.Namespace) -> int:
-    argv = _command_argv(arguments.argv)
+def _run_spec(arguments: argparse.Namespace, terminal: bool) -> ContainerSpec:
+    """Return the ContainerSpec that `run`'s options describe.
+
+    Options left out keep the spec's defaults, which are written only there.
+
+    Raises:
+        TypeError, ValueError: as ContainerSpec raises, for a bad option.
+    """
     namespaces = [ns for ns in NAMESPACES if not (arguments.share_net and ns == "net")]
     mounts: list[MountItem] = []
     if arguments.root is None:
@@ -264,10 +270,6 @@ async def _run(arguments: argparse.Namespace) -> int:
         if arguments.share_net:
             mounts += [m for m in NETWORK_FILE_MAPPINGS if os.path.exists(m.source)]
     mounts += arguments.expose + arguments.share
-    # A terminal delivers Ctrl-C to every process of its foreground group,
-    # the container's included: the container decides (an interactive shell
-    # lives on). Without a terminal, SIGINT is for this command to stop it.
-    terminal = PseudoTerminal() if os.isatty(0) else None
     options: dict[str, Any] = {
         "mounts": mounts,
         "namespaces": namespaces,
@@ -280,11 +282,18 @@ async def _run(arguments: argparse.Namespace) -> int:
         # An init relays signals to the command, which then behaves as it
         # would outside a pid namespace.
         "child_is_pid1": False,
+        "new_session": True if terminal else None,
     }
-    if terminal is not None:
-        options.update(new_session=True)
-    # Options left out (None) keep the spec's defaults, which are written only there.
-    spec = ContainerSpec(**{k: v for k, v in options.items() if v is not None})
+    return ContainerSpec(**{k: v for k, v in options.items() if v is not None})
+
+
+async def _run(arguments: argparse.Namespace) -> int:
+    argv = _command_argv(arguments.argv)
+    # A terminal delivers Ctrl-C to every process of its foreground group,
+    # the container's included: the container decides (an interactive shell
+    # lives on). Without a terminal, SIGINT is for this command to stop it.
+    spec = _run_spec(arguments, terminal=os.isatty(0))
+    terminal = PseudoTerminal() if os.isatty(0) else None
     stdio: dict[str, Any] = (
         {"stdin": terminal.slave, "stdout": terminal.slave, "stderr": terminal.slave}
         if terminal is not None

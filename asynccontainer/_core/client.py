@@ -72,7 +72,13 @@ class ForkServer:
                     "1" if die_with_parent else "0",
                 ],
                 pass_fds=[server_end.fileno()],
+                # Nothing on stdout; a traceback of the server's on the
+                # caller's stderr, if it has one: a caller started without
+                # fd 2 may hold something else there now (its event loop's
+                # epoll fd, say), and so may fd 1.
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None if sys.__stderr__ is not None else subprocess.DEVNULL,
                 close_fds=True,
                 env=_server_environment(),
             )

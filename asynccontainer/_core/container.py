@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import warnings
 from collections.abc import Sequence
 from types import TracebackType
@@ -223,6 +224,11 @@ def _check_duration(name: str, value: float) -> None:
         raise ValueError(f"{name} must be zero or more seconds, not {value!r}")
 
 
+# Python sets sys.__stdin__ (and the others) to None when the process was
+# started without that fd.
+_STANDARD_STREAMS = ("__stdin__", "__stdout__", "__stderr__")
+
+
 class _StdioFds:
     """The three fds a container starts with, and the ones opened only to pass them."""
 
@@ -231,6 +237,10 @@ class _StdioFds:
         self.opened: list[int] = []
 
     def add(self, name: str, number: int, value: Stdio) -> None:
+        if value is None and getattr(sys, _STANDARD_STREAMS[number]) is None:
+            # The caller was started without this fd: whatever holds the
+            # number now (its event loop's epoll fd, say) is not its stdio.
+            value = subprocess.DEVNULL
         if value is None:
             fd = number
         elif value == subprocess.DEVNULL:

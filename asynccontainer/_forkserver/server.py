@@ -27,7 +27,6 @@ import select
 import selectors
 import signal
 import socket
-import sys
 from typing import NoReturn
 
 # Imported here, once, so that no container pays for it: the child uses it
@@ -317,7 +316,6 @@ def serve(control_fd: int, parent_pid: int, die_with_parent: bool) -> NoReturn:
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
     _Server(control).run()
-    sys.stdout.flush()
     os._exit(0)
 
 

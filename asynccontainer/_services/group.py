@@ -21,7 +21,7 @@ from typing import Any, Self
 import anyio
 
 from .. import _kernel
-from .._core.container import Container, _StdioFds, spawn
+from .._core.container import _REAP_TIMEOUT, Container, _StdioFds, spawn
 from .._core.pidfile import PidTranslator, wait_for_pid_file
 from .._errors import ContainerError
 from .._plan.build import plan_container
@@ -61,6 +61,8 @@ class Service:
         """How many times the service was respawned."""
         self.disabled = False
         """True once respawning was given up (it died too often)."""
+        self.lost: ContainerError | None = None
+        """Why the service's processes could not be followed to their end, if so."""
 
     @property
     def name(self) -> str:
@@ -261,19 +263,27 @@ class Service:
         return first
 
     async def _watch(self) -> None:
-        """Set `_ended` once every process of the current launch is gone."""
+        """Set `_ended` once every process of the current launch is gone (also if this fails)."""
         container = self._container
         assert container is not None
         ended = self._ended
-        self._returncode = await container.wait()
-        if "pid" not in self.spec.namespaces:
-            # Without a pid namespace, a daemon outlives its container's
-            # first process: follow it too, through its pidfd, which turns
-            # readable when it exits (pidfd_open(2)).
-            await self._settled.wait()
-            if self._pidfd is not None and self._pid != container.pid:
-                await anyio.wait_readable(self._pidfd)
-        ended.set()
+        try:
+            try:
+                self._returncode = await container.wait()
+            except ContainerError as exc:
+                # The fork server died; the container died with it
+                # (PR_SET_PDEATHSIG), and wait() says -SIGKILL.
+                self._returncode = container.returncode
+                self.lost = exc
+            if "pid" not in self.spec.namespaces:
+                # Without a pid namespace, a daemon outlives its container's
+                # first process: follow it too, through its pidfd, which turns
+                # readable when it exits (pidfd_open(2)).
+                await self._settled.wait()
+                if self._pidfd is not None and self._pid != container.pid:
+                    await anyio.wait_readable(self._pidfd)
+        finally:
+            ended.set()
 
     async def _terminate(self) -> None:
         """SIGTERM every process of the service, SIGKILL after the grace period, wait."""
@@ -284,7 +294,16 @@ class Service:
             await self._ended.wait()
             return
         self._signal_all(signal.SIGKILL)
-        await self._ended.wait()
+        # Bounded: SIGKILL ends any process; past this something outside
+        # (a wedged fork server, a stopped tracer) keeps it, and waiting
+        # longer helps nobody.
+        with anyio.move_on_after(_REAP_TIMEOUT):
+            await self._ended.wait()
+            return
+        self.lost = ContainerError(
+            f"service {self.name!r} did not end within {_REAP_TIMEOUT} s of SIGKILL; "
+            "look for a process of it stopped by a debugger, or a wedged fork server"
+        )
 
     def _signal_all(self, sig: int) -> None:
         container = self._container
@@ -448,6 +467,9 @@ class ServiceGroup:
         # cancellation from outside) then propagates as it is, not wrapped
         # in an exception group.
         await self._task_group.__aexit__(None, None, None)
+        lost = next((service.lost for service in self._services if service.lost), None)
+        if exc is None and lost is not None:
+            raise lost
         return None
 
     async def start(self, spec: ServiceSpec) -> Service:

@@ -222,6 +222,22 @@ def hierarchies() -> list[Hierarchy]:
     return result
 
 
+def _v1_hierarchy(mounted: list[Hierarchy], controller: str) -> Hierarchy | None:
+    return next((h for h in mounted if h.version == 1 and controller in h.controllers), None)
+
+
+def _check_writable(chosen: list[Hierarchy]) -> None:
+    for hierarchy in chosen:
+        if not os.access(hierarchy.own, os.W_OK):
+            raise PermissionError(
+                errno.EACCES,
+                "limits= needs to create cgroups below this process's cgroup, which it may "
+                "not write to: run as root, or in a delegated cgroup (systemd-run --user "
+                "--scope -p Delegate=yes)",
+                hierarchy.own,
+            )
+
+
 def plan_cgroups(limits: CgroupLimits, mounted: list[Hierarchy] | None = None) -> list[Hierarchy]:
     """Choose the hierarchies a container with `limits` needs (v2 first, then v1).
 
@@ -238,7 +254,7 @@ def plan_cgroups(limits: CgroupLimits, mounted: list[Hierarchy] | None = None) -
     for controller in limits.controllers():
         if v2 is not None and controller in v2.controllers:
             continue
-        v1 = next((h for h in mounted if h.version == 1 and controller in h.controllers), None)
+        v1 = _v1_hierarchy(mounted, controller)
         if v1 is None:
             if controller == "memory" and limits.memory is None:
                 continue  # only wanted for accounting
@@ -251,18 +267,10 @@ def plan_cgroups(limits: CgroupLimits, mounted: list[Hierarchy] | None = None) -
             chosen.append(v1)
     if v2 is None:
         # CPU time from v1's cpuacct, when there is no v2 cpu.stat.
-        cpuacct = next((h for h in mounted if "cpuacct" in h.controllers), None)
+        cpuacct = _v1_hierarchy(mounted, "cpuacct")
         if cpuacct is not None and cpuacct not in chosen:
             chosen.append(cpuacct)
-    for hierarchy in chosen:
-        if not os.access(hierarchy.own, os.W_OK):
-            raise PermissionError(
-                errno.EACCES,
-                "limits= needs to create cgroups below this process's cgroup, which it may "
-                "not write to: run as root, or in a delegated cgroup (systemd-run --user "
-                "--scope -p Delegate=yes)",
-                hierarchy.own,
-            )
+    _check_writable(chosen)
     return chosen
 
 

@@ -133,14 +133,23 @@ async def test_excursion_into_another_users_process() -> None:
         setpriv = shutil.which("setpriv")
         assert setpriv
         other = subprocess.Popen(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "300"]
+            [
+                *(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"),
+                *("sh", "-c", "echo ready; exec sleep 300"),
+            ],
+            stdout=subprocess.PIPE,
         )
         try:
-            await anyio.sleep(0.1)  # let setpriv exec sleep as nobody
+            # Once it says so, setpriv has switched to nobody.
+            assert other.stdout is not None
+            with anyio.fail_after(10):
+                assert await anyio.to_thread.run_sync(other.stdout.readline) == b"ready\n"
             assert await ac.container_excursion(other.pid, ["true"]) == 0
         finally:
             other.kill()
             other.wait()
+            assert other.stdout is not None
+            other.stdout.close()
     else:
         foreign = os.environ.get("ASYNCCONTAINER_TEST_FOREIGN_PID")
         assert foreign, "run by tests/test_unprivileged.py, which starts a process of root's"
