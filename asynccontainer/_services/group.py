@@ -57,12 +57,20 @@ class Service:
         self._supervisor_scope = anyio.CancelScope()
         self._deaths: collections.deque[float] = collections.deque()
         self._started_at: float | None = None
-        self.restarts = 0
+        self._restarts = 0
+        self._disabled = False
+        # Why the service's processes could not be followed to their end.
+        self._lost: ContainerError | None = None
+
+    @property
+    def restarts(self) -> int:
         """How many times the service was respawned."""
-        self.disabled = False
+        return self._restarts
+
+    @property
+    def disabled(self) -> bool:
         """True once respawning was given up (it died too often)."""
-        self.lost: ContainerError | None = None
-        """Why the service's processes could not be followed to their end, if so."""
+        return self._disabled
 
     @property
     def name(self) -> str:
@@ -274,7 +282,7 @@ class Service:
                 # The fork server died; the container died with it
                 # (PR_SET_PDEATHSIG), and wait() says -SIGKILL.
                 self._returncode = container.returncode
-                self.lost = exc
+                self._lost = exc
             if "pid" not in self.spec.namespaces:
                 # Without a pid namespace, a daemon outlives its container's
                 # first process: follow it too, through its pidfd, which turns
@@ -300,7 +308,7 @@ class Service:
         with anyio.move_on_after(_REAP_TIMEOUT):
             await self._ended.wait()
             return
-        self.lost = ContainerError(
+        self._lost = ContainerError(
             f"service {self.name!r} did not end within {_REAP_TIMEOUT} s of SIGKILL; "
             "look for a process of it stopped by a debugger, or a wedged fork server"
         )
@@ -337,7 +345,7 @@ class Service:
                     self._finish()
                     return
                 if self._throttled():
-                    self.disabled = True
+                    self._disabled = True
                     logger.error(
                         "service %r died more than %d times in %.0f seconds: respawning disabled",
                         self.name,
@@ -358,7 +366,7 @@ class Service:
                     # A failed start counts as a death, so the throttle ends this.
                     logger.error("respawning service %r failed: %s", self.name, exc)
                     continue
-                self.restarts += 1
+                self._restarts += 1
 
     def _throttled(self) -> bool:
         """Record a death; return True if there were too many lately (Shepherd's rule)."""
@@ -467,7 +475,7 @@ class ServiceGroup:
         # cancellation from outside) then propagates as it is, not wrapped
         # in an exception group.
         await self._task_group.__aexit__(None, None, None)
-        lost = next((service.lost for service in self._services if service.lost), None)
+        lost = next((service._lost for service in self._services if service._lost), None)
         if exc is None and lost is not None:
             raise lost
         return None
