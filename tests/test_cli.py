@@ -716,6 +716,24 @@ def test_check() -> None:
     assert "unprivileged user namespaces" in result.stdout
     assert "setgroups" in result.stdout
     assert "cgroup" in result.stdout
+    assert re.search(r"^ok\s+mounts by file descriptor", result.stdout, re.MULTILINE)
+
+
+def test_check_reports_a_missing_system_call(tmp_path: Path) -> None:
+    """Under a filter that refuses openat2 (ENOSYS), check names it and says what to do."""
+    program = (
+        "import sys, anyio, asynccontainer as ac; "
+        "from asynccontainer._cli.check import report; "
+        "policy = ac.SeccompPolicy(deny=ac.DEFAULT_SECCOMP.deny | {'openat2'}, errno=38); "
+        "sys.exit(anyio.run(lambda: ac.call_with_container("
+        "lambda: sys.exit(report(sys.stdout)), seccomp=policy, stdin=None)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=False, timeout=30
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^MISSING\s+mounts by file descriptor.*missing: openat2", result.stdout, re.M)
+    assert "needs Linux 5.12 or later" in result.stdout
 
 
 # -- bad arguments --------------------------------------------------------------------------

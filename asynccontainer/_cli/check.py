@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TextIO
 
 import attrs
@@ -92,6 +93,43 @@ def _cgroup_version() -> Finding:
     return Finding("cgroup version", False, "no cgroup file system mounted", required=False)
 
 
+def _missing(name: str, call: Callable[[], int | None]) -> list[str]:
+    """Return [name] if `call` fails with ENOSYS; close the fd it returns."""
+    try:
+        fd = call()
+    except OSError as exc:
+        return [name] if exc.errno == errno.ENOSYS else []
+    if fd is not None:
+        os.close(fd)
+    return []
+
+
+def _mount_by_fd() -> Finding:
+    """Check the calls the set-up mounts with: openat2 (5.6), open_tree, mount_setattr (5.12)."""
+    from .._kernel import mounts as _mounts
+
+    def setattr_nothing() -> None:
+        # No change asked: only ENOSYS says the call is missing (EPERM
+        # without privilege is expected, and harmless).
+        fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+        try:
+            _mounts.mount_setattr(fd, recursive=False)
+        finally:
+            os.close(fd)
+
+    missing = [
+        *_missing("openat2", lambda: _kernel.openat2(_kernel.AT_FDCWD, "/", os.O_PATH, 0)),
+        *_missing("open_tree", lambda: _mounts.open_tree(_kernel.AT_FDCWD, "/", 0)),
+        *_missing("mount_setattr", setattr_nothing),
+    ]
+    return Finding(
+        "mounts by file descriptor (openat2, open_tree, mount_setattr)",
+        not missing,
+        f"missing: {', '.join(missing)}" if missing else "",
+        "needs Linux 5.12 or later",
+    )
+
+
 def findings() -> list[Finding]:
     """Check everything asynccontainer relies on; return one Finding per item."""
     root = os.geteuid() == 0
@@ -150,6 +188,7 @@ def findings() -> list[Finding]:
         result.append(
             Finding("pidfd (race-free signals)", False, exc.strerror or "", "needs Linux 5.3")
         )
+    result.append(_mount_by_fd())
     from .._kernel import seccomp as _libseccomp
 
     result.append(
