@@ -10,16 +10,21 @@ Three channels, all AF_UNIX sockets (see docs/design.md):
 - the *status* socket (stream), server to caller: `Forked` (with a pidfd)
   or `SpawnFailed`, and at the end `Exited`.
 - the *handshake* socket (stream), caller and container: the caller sends
-  `ContainerSetup` (with the container's stdio fds) or `ExcursionSetup`;
-  the process answers `Ready`, `Execing` or `SetupFailed`, and an
-  excursion for a value then `Returned` or `Raised`. It is close-on-exec in the container,
-  so end-of-file after `Execing` means the exec succeeded (the same trick
-  as subprocess's error pipe).
+  `ContainerSetup` (the plan, with the container's stdio fds) or
+  `ExcursionSetup`; a container answers `Ready` or `Execing`, or
+  `StepFailed` naming the step of its plan that failed; an excursion
+  answers `Ready`, `Execing` or `SetupFailed`, and one for a value then
+  `Returned` or `Raised`. It is close-on-exec in the container, so
+  end-of-file after `Execing` means the exec succeeded (the same trick as
+  subprocess's error pipe).
 
 Stream frames are a 4-byte big-endian length, a 1-byte count of the fds that
-travel with the frame, then a pickle. Only the caller ever sends pickles to
-the server or the container, and it is the same user's process, so
-unpickling here trusts nobody new.
+travel with the frame, then a pickle. What the caller sends the server or a
+container comes from the same user's process. What a container sends back
+is read by the caller, and a hostile container can forge it: an OSError of
+a step is rebuilt from its errno alone, but other exceptions and excursion
+values are still unpickled (docs/security.md, "Excursions enter the
+container").
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import errno
 import os
 import posixpath
 import stat
+from collections.abc import Callable
 
 from .. import _kernel
 from .._kernel import mounts as _mounts
@@ -241,57 +242,57 @@ def make_link(state: State, step: steps.MakeLink) -> None:
         os.close(parent)
 
 
-def read_only_path(state: State, step: steps.ReadOnlyPath) -> None:
-    """Cover a path with a read-only, nosuid, nodev, noexec bind of itself."""
+# What a cover of the host's knobs allows: reading, nothing else.
+_READ_ONLY = (
+    _mounts.MOUNT_ATTR_RDONLY
+    | _mounts.MOUNT_ATTR_NOSUID
+    | _mounts.MOUNT_ATTR_NODEV
+    | _mounts.MOUNT_ATTR_NOEXEC
+)
+
+
+def _cover(state: State, target: str, make_cover: Callable[[int], int]) -> None:
+    """Attach `make_cover(fd of target)` on `target` beneath the root; a missing target is left."""
     try:
-        where = open_beneath(state.root, step.target)
+        where = open_beneath(state.root, target)
     except FileNotFoundError:
         return
     try:
-        tree = _mounts.open_tree(where, "", _CLONE | _mounts.AT_EMPTY_PATH)
-        try:
-            _mounts.mount_setattr(
-                tree,
-                recursive=True,
-                attr_set=_mounts.MOUNT_ATTR_RDONLY
-                | _mounts.MOUNT_ATTR_NOSUID
-                | _mounts.MOUNT_ATTR_NODEV
-                | _mounts.MOUNT_ATTR_NOEXEC,
-            )
-            _mounts.move_mount(tree, where)
-        finally:
-            os.close(tree)
-    finally:
-        os.close(where)
-
-
-def mask_path(state: State, step: steps.MaskPath) -> None:
-    """Cover a directory with an empty read-only tmpfs, a file with /dev/null."""
-    try:
-        where = open_beneath(state.root, step.target)
-    except FileNotFoundError:
-        return
-    try:
-        if _is_directory(where):
-            cover = _new_file_system(
-                "tmpfs",
-                "none",
-                (("mode", "0555"), ("size", "4k")),
-                _mounts.MOUNT_ATTR_RDONLY
-                | _mounts.MOUNT_ATTR_NOSUID
-                | _mounts.MOUNT_ATTR_NODEV
-                | _mounts.MOUNT_ATTR_NOEXEC,
-            )
-        else:
-            # The host's /dev/null, opened before the root covered anything.
-            null = state.slots[step.null_slot]
-            cover = _mounts.open_tree(null, "", _mounts.OPEN_TREE_CLONE | _mounts.AT_EMPTY_PATH)
+        cover = make_cover(where)
         try:
             _mounts.move_mount(cover, where)
         finally:
             os.close(cover)
     finally:
         os.close(where)
+
+
+def read_only_path(state: State, step: steps.ReadOnlyPath) -> None:
+    """Cover a path with a read-only, nosuid, nodev, noexec bind of itself."""
+
+    def itself(where: int) -> int:
+        tree = _mounts.open_tree(where, "", _CLONE | _mounts.AT_EMPTY_PATH)
+        try:
+            _mounts.mount_setattr(tree, recursive=True, attr_set=_READ_ONLY)
+        except BaseException:
+            os.close(tree)
+            raise
+        return tree
+
+    _cover(state, step.target, itself)
+
+
+def mask_path(state: State, step: steps.MaskPath) -> None:
+    """Cover a directory with an empty read-only tmpfs, a file with /dev/null."""
+
+    def nothing(where: int) -> int:
+        if _is_directory(where):
+            return _new_file_system("tmpfs", "none", (("mode", "0555"), ("size", "4k")), _READ_ONLY)
+        # The host's /dev/null, opened before the root covered anything.
+        null = state.slots[step.null_slot]
+        return _mounts.open_tree(null, "", _mounts.OPEN_TREE_CLONE | _mounts.AT_EMPTY_PATH)
+
+    _cover(state, step.target, nothing)
 
 
 def pivot_root(state: State, step: steps.PivotRoot) -> None:

@@ -75,6 +75,18 @@ class Step:
         raise NotImplementedError
 
 
+class _OnTarget(Step):
+    """A step about the container path `target`, which its errors name."""
+
+    __slots__ = ()
+    target: str
+
+    @property
+    def path(self) -> str:
+        """The container path the step is about, as the user gave it."""
+        return self.target
+
+
 # -- the process, before any mount -------------------------------------------------
 
 
@@ -185,7 +197,7 @@ class NewRoot(Step):
 
 
 @attrs.frozen
-class MountFileSystem(Step):
+class MountFileSystem(_OnTarget):
     """Mount a new file system of `fstype` on `target` (created as a directory if missing).
 
     `attributes` are MOUNT_ATTR_* bits; `options` are fsconfig(2)
@@ -200,16 +212,12 @@ class MountFileSystem(Step):
     options: tuple[tuple[str, str | None], ...] = ()
     tolerate: tuple[int, ...] = ()
 
-    @property
-    def path(self) -> str:
-        return self.target
-
     def describe(self) -> str:
         return f"mounting {self.fstype} on {self.target}"
 
 
 @attrs.frozen
-class Bind(Step):
+class Bind(_OnTarget):
     """Attach the tree copied into `slot` on `target` (a directory or a file, as the source).
 
     `attr_set` and `attr_clr` (MOUNT_ATTR_*) are applied to the whole
@@ -222,24 +230,16 @@ class Bind(Step):
     attr_set: int = 0
     attr_clr: int = 0
 
-    @property
-    def path(self) -> str:
-        return self.target
-
     def describe(self) -> str:
         return f"mapping on {self.target}"
 
 
 @attrs.frozen
-class SetPropagation(Step):
+class SetPropagation(_OnTarget):
     """Set the propagation (MS_SHARED, MS_SLAVE, MS_PRIVATE, MS_UNBINDABLE) of `target`."""
 
     target: str
     propagation: int
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"setting the propagation of {self.target}"
@@ -261,7 +261,7 @@ class MakeLink(Step):
 
 
 @attrs.frozen
-class ReadOnlyPath(Step):
+class ReadOnlyPath(_OnTarget):
     """Make `target` a read-only bind of itself, recursively (runc's readonlyPaths).
 
     A target missing in the container is left alone.
@@ -269,16 +269,12 @@ class ReadOnlyPath(Step):
 
     target: str
 
-    @property
-    def path(self) -> str:
-        return self.target
-
     def describe(self) -> str:
         return f"making {self.target} read-only"
 
 
 @attrs.frozen
-class MaskPath(Step):
+class MaskPath(_OnTarget):
     """Cover `target`: /dev/null over a file, an empty read-only tmpfs over a directory.
 
     runc's maskedPaths. A target missing in the container is left alone.
@@ -288,10 +284,6 @@ class MaskPath(Step):
 
     target: str
     null_slot: int
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"masking {self.target}"
@@ -309,45 +301,33 @@ class PivotRoot(Step):
 
 
 @attrs.frozen
-class WriteFile(Step):
+class WriteFile(_OnTarget):
     """Create `target` with `content` if nothing is there yet (never through a link)."""
 
     target: str
     content: bytes
     mode: int = 0o644
 
-    @property
-    def path(self) -> str:
-        return self.target
-
     def describe(self) -> str:
         return f"writing {self.target}"
 
 
 @attrs.frozen
-class MakeDirectory(Step):
+class MakeDirectory(_OnTarget):
     """Create the directory `target` and its parents if missing."""
 
     target: str
     mode: int = 0o755
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"creating the directory {self.target}"
 
 
 @attrs.frozen
-class RemovePath(Step):
+class RemovePath(_OnTarget):
     """Remove the file `target` if it exists (a stale PID file)."""
 
     target: str
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"removing {self.target}"
@@ -365,29 +345,21 @@ class RunCallable(Step):
 
 
 @attrs.frozen
-class Chmod(Step):
+class Chmod(_OnTarget):
     """Change the mode of `target`."""
 
     target: str
     mode: int
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"changing the mode of {self.target} to {self.mode:o}"
 
 
 @attrs.frozen
-class RemountReadOnly(Step):
+class RemountReadOnly(_OnTarget):
     """Make the mount at `target` read-only (that mount alone, not those below it)."""
 
     target: str
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"making {self.target} read-only"
@@ -416,14 +388,10 @@ class LockMounts(Step):
 
 
 @attrs.frozen
-class Chdir(Step):
+class Chdir(_OnTarget):
     """Change the working directory to `target`."""
 
     target: str
-
-    @property
-    def path(self) -> str:
-        return self.target
 
     def describe(self) -> str:
         return f"changing the working directory to {self.target}"
