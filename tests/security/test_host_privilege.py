@@ -37,10 +37,19 @@ install -m 4755 /bin/true d
 python3 -c 'import os; os.close(os.open("e", os.O_CREAT | os.O_WRONLY, 0o4755))'
 python3 -c 'import os; os.mknod("f", 0o104755)'
 python3 -c 'import os; fd = os.open("g", os.O_CREAT | os.O_WRONLY, 0o755); os.fchmod(fd, 0o4755)'
-cp /bin/true h; setcap cap_setuid+ep h
+cp /bin/true h; python3 -c "$SETCAP" h
 cp /bin/true i; python3 -c 'import os; os.chmod("i", 0o2755, follow_symlinks=True)'
 ls -l /data
 """
+
+
+# setcap(8) without libcap: a version 2 security.capability (<linux/capability.h>
+# VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE) granting CAP_SETUID (bit 7).
+SETCAP = (
+    "import os, struct, sys; "
+    "blob = struct.pack('<5I', 0x02000001, 1 << 7, 0, 0, 0); "
+    "os.setxattr(sys.argv[1], 'security.capability', blob)"
+)
 
 
 def privileged_files(directory: Path) -> list[str]:
@@ -70,7 +79,9 @@ def mounts_for(directory: Path) -> list[ac.MountItem]:
 async def test_no_privileged_file_is_left_in_a_writable_mapping(
     tmp_path: Path, keywords: dict[str, object]
 ) -> None:
-    _, out = await sh(ATTACKS, mounts=mounts_for(tmp_path), with_stderr=True, **keywords)
+    _, out = await sh(
+        ATTACKS, mounts=mounts_for(tmp_path), with_stderr=True, env={"SETCAP": SETCAP}, **keywords
+    )
     # e and f are refused outright (created with the bit); the others exist.
     assert {p.name for p in tmp_path.iterdir()} == set("abcdghi"), out
     assert privileged_files(tmp_path) == [], out
@@ -86,6 +97,7 @@ async def test_a_service_leaves_none_either(tmp_path: Path) -> None:
         ["sh", "-c", ATTACKS],
         mappings=[ac.FileSystemMapping(str(data), "/data", writable=True)],
         log_file=str(log),
+        environment={"SETCAP": SETCAP, "PATH": "/usr/bin:/bin"},
     )
     async with ac.ServiceGroup() as group:
         service = await group.start(spec)
@@ -101,6 +113,7 @@ async def test_the_control_without_the_filter_and_with_every_capability(tmp_path
         ATTACKS,
         mounts=mounts_for(tmp_path),
         with_stderr=True,
+        env={"SETCAP": SETCAP},
         seccomp=ac.SeccompPolicy(deny_setuid_files=False),
         capabilities=None,
     )
@@ -110,7 +123,13 @@ async def test_the_control_without_the_filter_and_with_every_capability(tmp_path
 
 async def test_the_filter_alone_refuses_the_bits(tmp_path: Path) -> None:
     """With every capability but the default filter, no setuid or setgid bit is set."""
-    _, out = await sh(ATTACKS, mounts=mounts_for(tmp_path), with_stderr=True, capabilities=None)
+    _, out = await sh(
+        ATTACKS,
+        mounts=mounts_for(tmp_path),
+        with_stderr=True,
+        env={"SETCAP": SETCAP},
+        capabilities=None,
+    )
     assert [line for line in privileged_files(tmp_path) if "mode" in line] == [], out
 
 
@@ -120,6 +139,7 @@ async def test_the_capabilities_alone_refuse_file_capabilities(tmp_path: Path) -
         ATTACKS,
         mounts=mounts_for(tmp_path),
         with_stderr=True,
+        env={"SETCAP": SETCAP},
         seccomp=ac.SeccompPolicy(deny_setuid_files=False),
     )
     assert "h: file capabilities" not in privileged_files(tmp_path), out
