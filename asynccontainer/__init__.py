@@ -36,6 +36,7 @@ _EXPORTS = {
     "ResourceUsage": "_spec.limits",
     "VethNetwork": "_spec.network",
     "ContainerError": "_errors",
+    "UntrustedValueError": "_errors",
     "container_excursion": "_core.excursion",
     "container_excursion_value": "_core.excursion",
     "CONTAINER_FILE_SYSTEMS": "_spec.filesystems",
@@ -103,7 +104,7 @@ if TYPE_CHECKING:
     from ._core.container import Container, call_with_container, run_container
     from ._core.excursion import container_excursion, container_excursion_value
     from ._core.pidfile import read_pid_file
-    from ._errors import ContainerError
+    from ._errors import ContainerError, UntrustedValueError
     from ._plan.build import Target
     from ._services.group import Service, ServiceGroup
     from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
@@ -158,6 +159,7 @@ __all__ = [
     "Symlink",
     "Target",
     "UnknownAccountError",
+    "UntrustedValueError",
     "VethNetwork",
     "call_with_container",
     "container_excursion",

@@ -30,16 +30,18 @@ container").
 from __future__ import annotations
 
 import array
+import io
 import os
 import pickle
 import socket
 import struct
+import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
-import cloudpickle
 
+from ._errors import ContainerError, UntrustedValueError
 from ._kernel import SCM_MAX_FD
 from ._spec.limits import CgroupLimits, ResourceUsage
 from ._spec.network import VethNetwork
@@ -60,7 +62,10 @@ __all__ = [
     "SpawnFailed",
     "SpawnRequest",
     "StepFailed",
+    "decode_reply",
+    "decode_value",
     "encode_frame",
+    "plain",
     "recv_frame",
     "send_frame",
 ]
@@ -93,33 +98,186 @@ class SpawnRequest:
     network: str | None = None
 
 
+# How deep a value from inside may nest; deeper is refused, not recursed into.
+_MAX_DEPTH = 64
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_PLAIN_CONTAINERS = (tuple, list, set, frozenset)
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except BaseException:
+        return f"<{type(value).__qualname__} object>"
+
+
+def plain(value: object, depth: int = 0) -> object:
+    """Return `value` as plain data: containers of plain values as they are, anything else its repr.
+
+    Used inside, on what an exception holds, so that it crosses as data. It
+    never raises: a repr that raises becomes the type's name.
+    """
+    if isinstance(value, _PLAIN_SCALARS):
+        return value
+    if depth >= _MAX_DEPTH:
+        return _safe_repr(value)
+    if isinstance(value, dict):
+        return {plain(k, depth + 1): plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, _PLAIN_CONTAINERS):
+        return type(value)(plain(item, depth + 1) for item in value)
+    return _safe_repr(value)
+
+
+def _format(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException:
+        return f"{type(exc).__qualname__} (its traceback could not be formatted)\n"
+
+
 @attrs.frozen
 class ExceptionInfo:
-    """An exception raised in another process: the pickled object and its traceback text."""
+    """An exception raised in another process, as data: its class's path, its arguments, its text.
 
-    pickled: bytes
+    Never a pickle of the exception: the caller rebuilds it from a class it
+    has already imported (`rebuild`), so that nothing from inside decides
+    what code runs in the caller.
+    """
+
+    module: str
+    qualname: str
+    args: tuple[object, ...]
+    # The exception's __dict__ (its notes and attributes), as plain data.
+    attributes: dict[str, object]
     traceback: str
 
     @classmethod
     def capture(cls, exc: BaseException) -> ExceptionInfo:
-        """Return the info for `exc`; an exception that cannot be pickled becomes a RuntimeError."""
-        text = "".join(traceback.format_exception(exc))
+        """Return the info for `exc`. Never raises, whatever `exc` does."""
+        text = _format(exc)
         try:
-            # cloudpickle, not pickle: an exception class defined by value in
-            # a pickled callable (in __main__, say) goes back by value too,
-            # and cloudpickle's class tracker turns it back into the very
-            # class object the caller has, so `except ThatError` works.
-            pickled = cloudpickle.dumps(exc)
-            pickle.loads(pickled)
-        except Exception:
-            pickled = pickle.dumps(RuntimeError(f"{type(exc).__qualname__}: {exc}"))
-        return cls(pickled, text)
+            kind = type(exc)
+            reduced = exc.__reduce__()
+            args = reduced[1] if isinstance(reduced, tuple) and len(reduced) > 1 else exc.args
+            state = reduced[2] if isinstance(reduced, tuple) and len(reduced) > 2 else None
+            attributes = plain(state) if isinstance(state, dict) else {}
+            return cls(
+                str(kind.__module__),
+                str(kind.__qualname__),
+                tuple(plain(tuple(args))),  # type: ignore[arg-type]
+                attributes,  # type: ignore[arg-type]
+                text,
+            )
+        except BaseException:
+            what = f"the container raised {_safe_repr(type(exc))}, which could not be sent back"
+            return cls(ContainerError.__module__, ContainerError.__qualname__, (what,), {}, text)
 
     def rebuild(self, where: str = "") -> BaseException:
-        """Return the exception, with the remote traceback (and `where`) attached as a note."""
-        exc: BaseException = pickle.loads(self.pickled)
+        """Return the exception, with the remote traceback (and `where`) attached as a note.
+
+        Its class is looked up among the modules this process has imported;
+        a class it lacks gives `UntrustedValueError`. KeyboardInterrupt,
+        SystemExit and the other exceptions that are not `Exception`s come
+        as a `ContainerError` whose cause they are: raised raw, they would
+        stop the caller.
+        """
+        kind = _imported_exception_class(self.module, self.qualname)
+        if kind is None:
+            exc: BaseException = UntrustedValueError(
+                f"the container raised {self.module}.{self.qualname}{_safe_repr(self.args)}, "
+                "of a class this process has not imported; its traceback is in the note"
+            )
+        else:
+            exc = _instantiate(kind, self.args, self.attributes)
+        if not isinstance(exc, Exception):
+            wrapped = ContainerError(
+                f"the container raised {type(exc).__qualname__}{_safe_repr(exc.args)}, "
+                "which is not raised here as it is (it would stop this process)"
+            )
+            wrapped.__cause__ = exc
+            exc = wrapped
         exc.add_note(f"Raised in the container process{where}:\n{self.traceback.rstrip()}")
         return exc
+
+
+def _imported_exception_class(module: str, qualname: str) -> type[BaseException] | None:
+    """Return the exception class at module.qualname if this process has imported it."""
+    found: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        if found is None or part.startswith("<"):
+            return None
+        # The namespace itself, not getattr: a module's __getattr__ (PEP 562)
+        # must not run, let alone import, for a name chosen inside.
+        try:
+            found = vars(found).get(part)
+        except TypeError:
+            return None
+    if isinstance(found, type) and issubclass(found, BaseException):
+        return found
+    return None
+
+
+def _instantiate(
+    kind: type[BaseException], args: tuple[object, ...], attributes: dict[str, object]
+) -> BaseException:
+    try:
+        exc = kind(*args)
+    except Exception:
+        # A class whose constructor wants other arguments: as pickle does.
+        exc = kind.__new__(kind, *args)
+        exc.args = args
+    for name, value in attributes.items():
+        if isinstance(name, str) and (name == "__notes__" or not name.startswith("__")):
+            try:
+                setattr(exc, name, value)
+            except Exception:
+                pass
+    return exc
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the classes it is given: pickle's "Restricting Globals".
+
+    The standard library documents this as the way to load pickles of
+    untrusted origin as data: every class or function a pickle names goes
+    through find_class, so one that answers only for plain types and known
+    message classes can make nothing else run.
+    """
+
+    def __init__(self, data: bytes, allowed: dict[tuple[str, str], object]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UntrustedValueError(
+                f"what came back from the container names {module}.{name}, which is not "
+                "plain data; a container can forge what it sends, so it is not unpickled here "
+                "(pass trusted=True where offered to unpickle it anyway)"
+            ) from None
+
+
+_PLAIN_GLOBALS: dict[tuple[str, str], object] = {
+    ("builtins", kind.__name__): kind for kind in (complex, bytearray, set, frozenset)
+}
+
+
+def decode_value(data: bytes) -> object:
+    """Return a value that came from inside a container, decoded as plain data.
+
+    Raises:
+        UntrustedValueError: when it holds anything but plain values.
+    """
+    try:
+        return _DataUnpickler(data, _PLAIN_GLOBALS).load()
+    except UntrustedValueError:
+        raise
+    except Exception as exc:
+        raise UntrustedValueError(
+            f"what came back from the container is not a value: {exc}"
+        ) from None
 
 
 @attrs.frozen
@@ -270,9 +428,10 @@ class FrameBuffer:
     the byte stream.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loads: Callable[[bytes], object] = pickle.loads) -> None:
         self._data = bytearray()
         self._fds: list[int] = []
+        self._loads = loads
 
     def feed(self, data: bytes, fds: Sequence[int]) -> None:
         """Add received bytes and fds."""
@@ -287,9 +446,15 @@ class FrameBuffer:
         end = _HEADER.size + length
         if len(self._data) < end or len(self._fds) < nfds:
             return None
-        message = pickle.loads(bytes(self._data[_HEADER.size : end]))
+        payload = bytes(self._data[_HEADER.size : end])
         del self._data[:end]
         fds, self._fds = self._fds[:nfds], self._fds[nfds:]
+        try:
+            message = self._loads(payload)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
         return message, fds
 
     @property
@@ -318,3 +483,26 @@ def recv_frame(sock: socket.socket, buffer: FrameBuffer) -> tuple[object, list[i
         if not data and not fds:
             raise EOFError("the peer closed the socket")
         buffer.feed(data, fds)
+
+
+# What a container or an excursion may send its caller, and nothing else.
+_REPLIES: dict[tuple[str, str], object] = {
+    **_PLAIN_GLOBALS,
+    **{
+        (__name__, kind.__name__): kind
+        for kind in (Ready, Execing, StepFailed, SetupFailed, Raised, Returned, ExceptionInfo)
+    },
+}
+
+
+def decode_reply(data: bytes) -> object:
+    """Return a message that came from a container's process, decoded as data.
+
+    Only the reply messages of this module and plain values can be built:
+    a process in a container's namespaces is in the container's hands, and
+    may send anything.
+
+    Raises:
+        UntrustedValueError: for a pickle that names anything else.
+    """
+    return _DataUnpickler(data, _REPLIES).load()

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 
@@ -223,10 +223,13 @@ async def send_request(request: SpawnRequest, fds: Sequence[int]) -> None:
 class AsyncFrameChannel:
     """Frames over one non-blocking stream socket, read and written asynchronously."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, loads: Callable[[bytes], object] = pickle.loads
+    ) -> None:
+        """Read frames of `sock` with `loads`: `decode_reply` for what comes from inside."""
         sock.setblocking(False)
         self.sock = sock
-        self._buffer = FrameBuffer()
+        self._buffer = FrameBuffer(loads)
         self._eof = False
 
     async def receive(self) -> tuple[object, list[int]]:
@@ -301,14 +304,8 @@ async def receive_status(
 
 
 def rebuild_exception(info: ExceptionInfo, where: str = "") -> BaseException:
-    """Return the remote exception, or a ContainerError when it cannot be unpickled here.
+    """Return the remote exception, rebuilt from data (see `ExceptionInfo.rebuild`).
 
     `where` (" at step 3 of 20, ...") goes into the note beside its traceback.
     """
-    try:
-        return info.rebuild(where)
-    except Exception as exc:
-        return ContainerError(
-            f"the container raised an exception that cannot be unpickled here ({exc!r}):\n"
-            f"{info.traceback}"
-        )
+    return info.rebuild(where)

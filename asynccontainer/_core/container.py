@@ -38,6 +38,7 @@ from .._wire import (
     SpawnFailed,
     SpawnRequest,
     StepFailed,
+    decode_reply,
 )
 from .client import (
     AsyncFrameChannel,
@@ -378,7 +379,8 @@ async def start_process(
     """
     caller_handshake, child_handshake = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     caller_status, server_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    handshake = AsyncFrameChannel(caller_handshake)
+    # What comes back on it is written by a process in the container's hands.
+    handshake = AsyncFrameChannel(caller_handshake, decode_reply)
     status = AsyncFrameChannel(caller_status)
     requested = False
     try:

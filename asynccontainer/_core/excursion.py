@@ -14,13 +14,14 @@ import os
 import pickle
 import sys
 from collections.abc import Callable, Mapping
+from typing import TypeVar, cast
 
 from .. import _kernel
 from .._errors import ContainerError
 from .._plan.build import check_command, pickle_callable
 from .._plan.steps import ExcursionPlan
 from .._spec.checks import environment
-from .._wire import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest
+from .._wire import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest, decode_value
 from .client import AsyncFrameChannel, rebuild_exception
 from .container import (
     Container,
@@ -33,6 +34,8 @@ from .container import (
 )
 
 __all__ = ["container_excursion", "container_excursion_value"]
+
+T = TypeVar("T")
 
 # An excursion is a plain fork of the server: no new namespace, no id maps.
 _EXCURSION_REQUEST = SpawnRequest(clone_flags=0, id_map=None)
@@ -148,22 +151,45 @@ async def container_excursion(
 
 async def container_excursion_value(
     pid_or_container: int | Container,
-    fn: Callable[[], object],
+    fn: Callable[[], T],
     *,
     env: Mapping[str, str] | None = None,
     stdin: Stdio = None,
     stdout: Stdio = None,
     stderr: Stdio = None,
-) -> object:
+    trusted: bool = False,
+) -> T:
     """Run `fn()` in the namespaces of a running process and return its value.
 
-    The value travels back pickled (cloudpickle). If `fn` raises, the same
-    exception (its class, its errno for an OSError) is raised here, with
-    the traceback from inside attached as a note. Everything else is as
-    for `container_excursion`.
+    The process that runs `fn` is inside the container's namespaces, and so
+    in the container's hands: it imports nothing once there (the container's
+    files would be the modules), and what it sends back is decoded as
+    *data*: None, bool, int, float, complex, str, bytes, bytearray, tuple,
+    list, dict, set, frozenset. If `fn` raises, an exception of a class this
+    process has already imported is raised here as itself (its errno for an
+    OSError), with the traceback from inside as a note; KeyboardInterrupt
+    and SystemExit come as a ContainerError whose cause they are. Everything
+    else is as for `container_excursion`.
+
+    Args:
+        pid_or_container: a `Container`, or the host PID of any process the
+            caller may enter.
+        fn: a callable taking no arguments (sent with cloudpickle).
+        env: the environment; None for an empty one.
+        stdin: None to share the caller's, an fd, a file object or
+            subprocess.DEVNULL.
+        stdout: as stdin.
+        stderr: as stdin.
+        trusted: unpickle the value fully (cloudpickle's format), so that
+            values of any class come back. A container can forge the value,
+            and unpickling a forged one runs whatever code it names in this
+            process: pass True only for containers whose every process you
+            trust.
 
     Raises:
         Exception: the exception `fn` raised, of the same class.
+        UntrustedValueError: the value (or the exception) is not plain data
+            of classes this process has, and `trusted` is False.
         TypeError: if `fn` or its value cannot be pickled.
         ProcessLookupError: as for `container_excursion`.
         PermissionError: as for `container_excursion`.
@@ -173,6 +199,8 @@ async def container_excursion_value(
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking no arguments, not {fn!r}")
+    if not isinstance(trusted, bool):
+        raise TypeError(f"trusted must be True or False, not {trusted!r}")
     config = _config(fn, env, want_value=True)
     process, handshake = await _start(pid_or_container, config, stdin, stdout, stderr)
     async with process:
@@ -187,7 +215,8 @@ async def container_excursion_value(
                     )
                 if isinstance(reply, Returned):
                     await process.wait()
-                    return pickle.loads(reply.pickled)
+                    value = pickle.loads(reply.pickled) if trusted else decode_value(reply.pickled)
+                    return cast(T, value)
                 if isinstance(reply, Raised | SetupFailed):
                     await process.wait()
                     raise rebuild_exception(reply.error)

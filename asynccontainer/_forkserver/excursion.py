@@ -8,9 +8,11 @@ second child, whose status or value comes back to the caller.
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import signal
 import socket
+import sys
 from typing import NoReturn
 
 import cloudpickle
@@ -27,7 +29,7 @@ from .target import (
     unpickle,
 )
 
-__all__ = ["join_namespaces", "run_excursion"]
+__all__ = ["join_namespaces", "refuse_new_imports", "run_excursion"]
 
 
 # Guix's order: user first, so that its capabilities allow joining the
@@ -130,6 +132,10 @@ def run_excursion(handshake: socket.socket, config: ExcursionPlan, fds: list[int
         if len(fds) != 4:
             raise ValueError(f"an excursion needs 4 fds, got {len(fds)}")
         target = unpickle(config.pickled_callable, config.sys_path)
+        # Once inside, the file system is the container's: a module imported
+        # there (an encoding looked up lazily, say) would be the container's
+        # code, run in this process, which then answers the caller.
+        refuse_new_imports()
         _install_stdio(fds[:3])
         join_namespaces(fds[3])
         os.close(fds[3])
@@ -155,10 +161,15 @@ def run_excursion(handshake: socket.socket, config: ExcursionPlan, fds: list[int
 
 
 def _return_value(handshake: socket.socket, target: object, env: dict[str, str]) -> NoReturn:
-    """Run the callable and send back its value or its exception (container-excursion*)."""
-    os.environ.clear()
-    os.environ.update(env)
+    """Run the callable and send back its value or its exception (container-excursion*).
+
+    Every path ends in os._exit, whatever the callable, its value or its
+    exception raise on the way (a __reduce__ or a __repr__ that raises,
+    SystemExit): nothing may unwind into the fork server's frames.
+    """
     try:
+        os.environ.clear()
+        os.environ.update(env)
         assert callable(target)
         value = target()
     except BaseException as exc:
@@ -166,11 +177,40 @@ def _return_value(handshake: socket.socket, target: object, env: dict[str, str])
         os._exit(1)
     try:
         message: object = Returned(cloudpickle.dumps(value))
-    except Exception as exc:
-        error = TypeError(f"the value {value!r} cannot be pickled to be sent back: {exc}")
+    except BaseException as exc:
+        error = TypeError(f"the value cannot be pickled to be sent back: {_describe(exc)}")
         message = Raised(ExceptionInfo.capture(error))
-    report(handshake, message)
-    os._exit(0 if isinstance(message, Returned) else 1)
+    try:
+        report(handshake, message)
+    finally:
+        os._exit(0 if isinstance(message, Returned) else 1)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__qualname__}: {exc}"
+    except BaseException:
+        return type(exc).__qualname__
+
+
+class _RefuseImports(importlib.abc.MetaPathFinder):
+    """A finder that refuses every import not done already."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        raise ImportError(
+            f"{fullname} is not imported in an excursion once it is in the container's "
+            "namespaces, whose files are the container's: import it at the top of the module "
+            "that defines the callable, so that it is imported before",
+            name=fullname,
+        )
+
+
+def refuse_new_imports() -> None:
+    """Make every import of a module not imported yet fail, from now on, in this process."""
+    sys.path[:] = []
+    sys.path_hooks[:] = []
+    sys.path_importer_cache.clear()
+    sys.meta_path[:] = [_RefuseImports()]
 
 
 def _exit_like(status: int) -> NoReturn:
