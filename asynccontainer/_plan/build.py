@@ -455,7 +455,7 @@ def _process_steps(spec: ContainerSpec, extras: Extras) -> list[steps.Step]:
         # the permitted set without PR_SET_KEEPCAPS.
         result.append(
             steps.LimitBoundingSet(
-                _kept_capabilities(spec),
+                _kept_capabilities(spec, extras),
                 required=not spec.keeps_default_capabilities,
                 keep_across_setuid=switching_user,
             )
@@ -481,11 +481,31 @@ def _process_steps(spec: ContainerSpec, extras: Extras) -> list[steps.Step]:
 _HOST_PRIVILEGE_CAPABILITIES = frozenset({"CAP_SETFCAP", "CAP_FSETID"})
 
 
-def _kept_capabilities(spec: ContainerSpec) -> frozenset[int]:
+def _runs_as_root(spec: ContainerSpec, extras: Extras) -> bool:
+    """Return whether the target's uid is 0 (in its user namespace, if it has one)."""
+    if extras.uid is not None:
+        return extras.uid == 0
+    if "user" in spec.namespaces:
+        return spec.guest_uid == 0
+    return os.geteuid() == 0
+
+
+def _kept_capabilities(spec: ContainerSpec, extras: Extras) -> frozenset[int]:
+    """Return the capability numbers the target keeps.
+
+    The default set is root's: a target that is not uid 0 (a service's
+    `user=`, a `guest_uid`) keeps none of it, as systemd's User= and as
+    capabilities(7) would have it at exec, where ambient capabilities
+    would otherwise carry it across (and setuid(0) succeed). Names given
+    explicitly are kept for any uid.
+    """
     assert spec.capabilities is not None
     names = spec.capabilities
-    if spec.keeps_default_capabilities and os.geteuid() == 0:
-        names = names - _HOST_PRIVILEGE_CAPABILITIES
+    if spec.keeps_default_capabilities:
+        if not _runs_as_root(spec, extras):
+            return frozenset()
+        if os.geteuid() == 0:
+            names = names - _HOST_PRIVILEGE_CAPABILITIES
     return capability_numbers(names)
 
 

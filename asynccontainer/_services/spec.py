@@ -236,8 +236,9 @@ class ServiceSpec(SharedOptions):
 
     The other keywords are `ContainerSpec`'s: root, host_uids, guest_uid,
     guest_gid, populate, loopback_network, lock_mounts, hostname,
-    no_new_privs, pass_fds, seccomp, capabilities (kept also after the
-    switch to `user`), limits (`Service.usage` reports what the last run
+    no_new_privs, pass_fds, seccomp, capabilities (with `user`, none of the
+    default set is kept: name those the service needs, and they are kept
+    across the switch), limits (`Service.usage` reports what the last run
     used) and network (`Service.network` has the veth pair's addresses).
 
     Raises:

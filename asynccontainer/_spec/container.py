@@ -248,7 +248,10 @@ class ContainerSpec(SharedOptions):
             files in a writable mapping grant privilege on the host, and
             without which no uid 0 can be mapped into a nested user
             namespace), of which the process keeps what it holds (a set
-            equal to DEFAULT_CAPABILITIES counts as it); ALL_CAPABILITIES or None
+            equal to DEFAULT_CAPABILITIES counts as it). The default set is
+            root's: a target that is not uid 0 (`guest_uid`, a service's
+            `user=`) keeps no capability at all unless it names some, as
+            systemd's User=. ALL_CAPABILITIES or None
             keep everything root has in the container's user namespace. A
             set of your own must be held (no "user" namespace and not root:
             PermissionError when the container starts).

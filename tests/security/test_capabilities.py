@@ -142,3 +142,40 @@ def test_service_capabilities_from_an_iterator_are_kept() -> None:
     """
     spec = ac.ServiceSpec(["true"], capabilities=iter(["CAP_KILL", "net_bind_service"]))
     assert spec.capabilities == frozenset({"CAP_KILL", "CAP_NET_BIND_SERVICE"})
+
+
+# EPERM without CAP_SETUID; EINVAL where uid 0 is not even mapped.
+SETUID_BACK = (
+    "python3 -c \"import os\ntry:\n    os.setuid(0)\n    print('became root')\n"
+    "except OSError:\n    print('refused')\""
+)
+
+
+async def test_a_service_user_keeps_no_capability_by_default(tmp_path: Path) -> None:
+    """user='nobody' once kept the default set as ambient capabilities: setuid(0) worked."""
+    log = tmp_path / "service.log"
+    spec = ac.ServiceSpec(
+        ["sh", "-c", f"{STATUS}; {SETUID_BACK}"], log_file=str(log), user="nobody"
+    )
+    with anyio.fail_after(15):
+        async with ac.ServiceGroup() as group:
+            service = await group.start(spec)
+            assert await service.wait() == 0
+    lines = [line[20:] for line in log.read_text().splitlines()]
+    capabilities = sets("\n".join(lines[:5]))
+    assert capabilities["CapPrm"] == capabilities["CapEff"] == capabilities["CapAmb"] == 0
+    assert capabilities["CapInh"] == 0  # CVE-2022-29162: no inheritable set either
+    assert lines[5] == "refused"
+
+
+async def test_a_guest_uid_keeps_no_capability_by_default() -> None:
+    returncode, out = await sh(f"id -u; {STATUS}; {SETUID_BACK}", guest_uid=1000)
+    assert returncode == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "1000"
+    capabilities = sets("\n".join(lines[1:6]))
+    assert capabilities["CapPrm"] == capabilities["CapEff"] == capabilities["CapAmb"] == 0
+    assert lines[6] == "refused"
+    # Named, a capability is kept whatever the uid.
+    returncode, out = await sh(STATUS, guest_uid=1000, capabilities={"CAP_KILL"})
+    assert sets(out)["CapEff"] == mask({"CAP_KILL"})

@@ -80,13 +80,13 @@ async def test_trusted_values_are_unpickled_fully(box) -> None:  # type: ignore[
         await ac.container_excursion_value(box, lambda: Path("/x"))
 
 
-PLANTED = '''
+PLANTED = """
 import os
 os.close(os.open({marker!r}, os.O_CREAT | os.O_WRONLY, 0o644))
 
 def getregentry():
     raise LookupError("planted")
-'''
+"""
 
 
 async def test_an_excursion_imports_nothing_from_the_container(box, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
