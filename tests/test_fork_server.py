@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from procfs import children_of, containers_of
+from procfs import children_of, containers_of, process_name
 
 import asynccontainer as ac
 from asynccontainer._core import client as _client
@@ -500,3 +500,32 @@ async def test_multi_threaded_caller() -> None:
         for thread in idle:
             thread.join(timeout=10)
     assert not any(thread.is_alive() for thread in idle)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs on the host")
+async def test_a_zygote_sees_a_file_system_mounted_after_it_was_cloned(tmp_path: Path) -> None:
+    """Zygotes are cloned ahead of need; their mount namespace must not be a stale copy.
+
+    On a host whose mounts are private, a zygote that had its mount
+    namespace from the clone missed every file system mounted since: the
+    new namespace is entered after the go, from the host's current table.
+    """
+    assert await ac.call_with_container(["true"], mounts=SYSTEM) == 0
+    # Idle now: the server clones a zygote for these flags; wait until it exists.
+    server = _client._server
+    assert server is not None
+    with anyio.fail_after(10):
+        while "ac-zygote" not in {process_name(pid) for pid in children_of(server.pid)}:
+            await anyio.sleep(0.005)
+    directory = tmp_path / "late"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(directory)], check=True)
+    try:
+        (directory / "marker").write_text("mounted late\n")
+        mapping = ac.FileSystemMapping(str(directory), "/late")
+        returncode = await ac.call_with_container(
+            ["cat", "/late/marker"], mounts=[*SYSTEM, mapping], stdout=subprocess.DEVNULL
+        )
+        assert returncode == 0
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

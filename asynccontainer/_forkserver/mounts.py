@@ -158,11 +158,17 @@ def open_path(state: State, step: steps.OpenPath) -> None:
 
 def clone_tree(state: State, step: steps.CloneTree) -> None:
     """Copy the host's tree at a source path into a slot, detached."""
+    flags = _CLONE | (_mounts.AT_SYMLINK_NOFOLLOW if step.nofollow else 0)
     try:
-        state.slots[step.slot] = _mounts.open_tree(_kernel.AT_FDCWD, step.source, _CLONE)
+        tree = _mounts.open_tree(_kernel.AT_FDCWD, step.source, flags)
     except FileNotFoundError:
         if not step.optional:
             raise
+        return
+    if step.nofollow and stat.S_ISLNK(os.fstat(tree).st_mode):
+        os.close(tree)
+        raise OSError(errno.ELOOP, "a symbolic link is not mapped here", step.source)
+    state.slots[step.slot] = tree
 
 
 def new_root(state: State, step: steps.NewRoot) -> None:

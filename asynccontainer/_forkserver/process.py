@@ -35,9 +35,9 @@ def lift(fd: int, floor: int) -> int:
     return moved
 
 
-def unshare_cgroup_namespace(state: State, step: steps.UnshareCgroupNamespace) -> None:
-    """cgroup_namespaces(7): the new namespace's root is the cgroup the process is in."""
-    _kernel.unshare(_kernel.CLONE_NEWCGROUP)
+def unshare(state: State, step: steps.Unshare) -> None:
+    """Enter new namespaces; see unshare(2) (a cgroup one is rooted where the process is)."""
+    _kernel.unshare(step.flags)
 
 
 def load_callable(state: State, step: steps.LoadCallable) -> None:
@@ -199,7 +199,7 @@ def call_step(state: State, step: steps.Call) -> NoReturn:
 
 
 RUNNERS: dict[type[steps.Step], object] = {
-    steps.UnshareCgroupNamespace: unshare_cgroup_namespace,
+    steps.Unshare: unshare,
     steps.LoadCallable: load_callable,
     steps.InstallStdio: install_stdio,
     steps.SetHostname: set_hostname,

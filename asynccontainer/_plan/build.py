@@ -248,6 +248,10 @@ class Extras:
     # Send the caller an O_PATH fd of the container's root with the ready
     # reply: files inside stay reachable after the first process exits.
     send_root: bool = False
+    # Host files mapped writable at their own path, refused if they are a
+    # symbolic link (a service's log file, in a directory its user may
+    # write: a link there must not map a file of root's into it).
+    writable_files: tuple[str, ...] = ()
 
 
 class _Slots:
@@ -392,6 +396,10 @@ def _file_system_steps(
     for part in (_dev_steps(slots, console), *(_item_steps(item, slots) for item in spec.mounts)):
         opening.extend(part[0])
         beneath.extend(part[1])
+    for path in extras.writable_files:
+        slot = slots.new()
+        opening.append(steps.CloneTree(slot, path, nofollow=True))
+        beneath.append(steps.Bind(slot, path))
     # Last, so that they hold over whatever the mounts put there.
     beneath.extend(steps.ReadOnlyPath(path) for path in READ_ONLY_PATHS)
     null_slot = slots.new()
@@ -559,10 +567,17 @@ def plan_container(
     slots = _Slots()
     plan: list[steps.Step] = []
     flags = namespace_clone_flags(names)
-    if spec.limits is not None and "cgroup" in names:
-        # The child enters it once it is in its own cgroups (_forkserver.cgroupfs).
-        flags &= ~_kernel.CLONE_NEWCGROUP
-        plan.append(steps.UnshareCgroupNamespace())
+    # Namespaces that copy the host's state are entered after the go, not
+    # at the clone: a zygote cloned ahead of need would hold a copy of the
+    # mount table (or host name) as it was then, and miss a file system
+    # mounted since. A cgroup namespace waits for the cgroups the server
+    # makes (_forkserver.cgroupfs).
+    late = flags & (_kernel.CLONE_NEWNS | _kernel.CLONE_NEWUTS)
+    if spec.limits is not None:
+        late |= flags & _kernel.CLONE_NEWCGROUP
+    if late:
+        flags &= ~late
+        plan.append(steps.Unshare(late))
     plan.extend(loading)
     plan.append(steps.InstallStdio())
     if spec.hostname is not None:

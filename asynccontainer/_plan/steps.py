@@ -55,7 +55,7 @@ __all__ = [
     "StartInit",
     "StartSession",
     "Step",
-    "UnshareCgroupNamespace",
+    "Unshare",
     "WriteFile",
 ]
 
@@ -91,11 +91,18 @@ class _OnTarget(Step):
 
 
 @attrs.frozen
-class UnshareCgroupNamespace(Step):
-    """Enter a new cgroup namespace, rooted at the cgroups the server made (limits=)."""
+class Unshare(Step):
+    """Enter the new namespaces of `flags` (CLONE_NEW*), made after the clone.
+
+    A new mount or uts namespace is a copy of the one the process is in:
+    made after the go, it copies the host's current state. A cgroup
+    namespace is rooted at the cgroups the server made (limits=).
+    """
+
+    flags: int
 
     def describe(self) -> str:
-        return "entering a cgroup namespace of its own"
+        return "entering namespaces of its own"
 
 
 @attrs.frozen
@@ -164,12 +171,14 @@ class CloneTree(Step):
     """Copy the host's mount tree at `source` into `slot`, detached (open_tree, recursive).
 
     With `optional`, a source that does not exist leaves the slot empty,
-    and the steps that use it do nothing.
+    and the steps that use it do nothing. With `nofollow`, a source that is
+    a symbolic link is refused (ELOOP), whatever it points to.
     """
 
     slot: int
     source: str
     optional: bool = False
+    nofollow: bool = False
 
     @property
     def path(self) -> str:

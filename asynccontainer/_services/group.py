@@ -27,7 +27,7 @@ from .._errors import ContainerError
 from .._plan.build import plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
-from .logs import LineLogger, prepare_log_file
+from .logs import LineLogger, open_log_file
 from .spec import ServiceSpec, service_extras
 
 __all__ = ["Service", "ServiceGroup"]
@@ -163,17 +163,12 @@ class Service:
         """
         spec = self.spec
         extras = service_extras(spec)
-        if spec.log_file is not None:
-            prepare_log_file(spec.log_file, extras)
         plan, request = plan_container(spec.container_spec(), list(spec.command), extras=extras)
-
+        log_fd = None
+        if spec.log_file is not None:
+            log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            logger = LineLogger(read_fd, spec.log_file, spec.name)
-        except BaseException:
-            os.close(read_fd)
-            os.close(write_fd)
-            raise
+        logger = LineLogger(read_fd, log_fd, spec.name)
         stdio = _StdioFds()
         try:
             stdio.add("stdin", 0, subprocess.DEVNULL)

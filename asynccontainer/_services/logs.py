@@ -1,91 +1,182 @@
-"""A service's log: its file prepared on the host, and the lines of its output pipe.
+"""A service's log: its file opened safely on the host, and the lines of its output pipe.
 
 The service's stdout and stderr are one pipe; `LineLogger` reads it in the
 caller and writes each line, timestamped, to the log file (or to the
 `logging` module).
+
+The log file is opened by the caller, as root for a root caller, in a
+directory the service's user may be able to write. Nothing there is
+trusted: a link is not followed (a link to a file of root's would give it
+away), a file that exists is used as it is (never chmodded or chowned: it
+may be /dev/null, or another of root's), and only a file this call
+creates is given to the service's user.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 
 import anyio
+import anyio.lowlevel
 
-from .._plan.build import Extras
-
-__all__ = ["LineLogger", "prepare_log_file"]
+__all__ = ["MAX_LINE", "LineLogger", "open_log_file"]
 
 _LOG_MODE = 0o640
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+MAX_LINE = 64 * 1024
+"""The longest line written whole; a longer one is split (no byte is lost)."""
+
+_CHUNK = 65536
 
 
-def prepare_log_file(path: str, config: Extras) -> None:
-    """Create the log file (and its directory) if missing: mode 0640, owned by the user.
+def _refuse(path: str, what: str) -> OSError:
+    return OSError(
+        errno.EINVAL,
+        f"the log file is {what}; give the path of a regular file (or of a character "
+        "device such as /dev/null)",
+        path,
+    )
+
+
+def open_log_file(path: str, uid: int | None, gid: int | None) -> int:
+    """Return an fd (append, close-on-exec) of the log file, created if missing.
+
+    A file this call creates is made with O_EXCL, mode 0640, and only then
+    given to `uid` and `gid`; an existing regular file or character device
+    is opened as it is.
 
     Raises:
-        OSError: when the directory cannot be created or the file opened,
-            naming the path.
+        OSError: ELOOP for a symbolic link, EINVAL for what is not a regular
+            file or a character device (a FIFO, a directory ...), or as
+            open(2) fails, naming the path.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, _LOG_MODE)
     try:
-        if os.fstat(fd).st_size == 0:
-            os.fchmod(fd, _LOG_MODE)
-        if config.uid is not None:
-            os.fchown(fd, config.uid, config.gid if config.gid is not None else -1)
-    finally:
+        fd = os.open(path, _APPEND | os.O_CREAT | os.O_EXCL, _LOG_MODE)
+    except FileExistsError:
+        return _open_existing(path)
+    try:
+        os.fchmod(fd, _LOG_MODE)  # the umask may have taken bits of it
+        if uid is not None:
+            os.fchown(fd, uid, -1 if gid is None else gid)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _open_existing(path: str) -> int:
+    try:
+        # O_NONBLOCK: opening a FIFO for writing would wait for a reader.
+        fd = os.open(path, _APPEND | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(
+                errno.ELOOP, "the log file is a symbolic link, which is not followed", path
+            ) from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO):
+            raise _refuse(path, "a directory" if exc.errno == errno.EISDIR else "a FIFO") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        raise _refuse(path, "neither a regular file nor a character device")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class LineLogger:
-    """Reads a service's output pipe and writes timestamped lines."""
+    """Reads a service's output pipe and writes timestamped lines.
 
-    def __init__(self, read_fd: int, log_file: str | None, name: str) -> None:
+    It yields to the event loop after every chunk (a service writing as
+    fast as it can must not starve the loop), finds line ends only in new
+    data, and splits a line longer than MAX_LINE. A log file that fails
+    (ENOSPC, EIO) stops nothing: the lines are counted as dropped and the
+    failure reported through `logging`, once per kind of error.
+    """
+
+    def __init__(self, read_fd: int, log_fd: int | None, name: str) -> None:
         os.set_blocking(read_fd, False)
         self.read_fd = read_fd
-        self.log_fd = (
-            os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            if log_file is not None
-            else None
-        )
+        self.log_fd = log_fd
         self.logger = logging.getLogger(f"asynccontainer.service.{name}")
         self.done = anyio.Event()
+        self.dropped = 0
+        """How many lines could not be written to the log file."""
+        self._reported: set[int] = set()
 
     def close(self) -> None:
         """Close both fds and mark the logger done (at its end, or if it never runs)."""
         os.close(self.read_fd)
         if self.log_fd is not None:
             os.close(self.log_fd)
+            self.log_fd = None
         self.done.set()
 
     def emit(self, line: bytes) -> None:
+        """Write one line: to the log file with its time stamp, or to the logger."""
         # Bytes that are not UTF-8 are replaced, never a reason to stop.
         text = line.decode("utf-8", errors="replace")
         if self.log_fd is None:
             self.logger.info("%s", text)
-        else:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+        try:
             # One write(2) per line on an O_APPEND fd: lines stay whole
             # next to what the daemon itself writes to the same file.
             os.write(self.log_fd, (stamp + text + "\n").encode())
+        except OSError as exc:
+            self.dropped += 1
+            if exc.errno not in self._reported:
+                self._reported.add(exc.errno or 0)
+                self.logger.error(
+                    "cannot write to the log file (%s); its lines are dropped and counted",
+                    exc.strerror,
+                )
 
     async def run(self) -> None:
-        pending = b""
+        """Relay lines until the pipe's end-of-file (every process of the service is gone)."""
+        pending = bytearray()
         try:
             while True:
                 try:
-                    chunk = os.read(self.read_fd, 65536)
+                    chunk = os.read(self.read_fd, _CHUNK)
                 except BlockingIOError:
                     await anyio.wait_readable(self.read_fd)
                     continue
                 if not chunk:
                     break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    self.emit(line)
+                self._take(pending, chunk)
+                # A service that writes without pause would otherwise keep
+                # this loop from ever giving the event loop a turn.
+                await anyio.lowlevel.checkpoint()
             if pending:
-                self.emit(pending)
+                self.emit(bytes(pending))
         finally:
             self.close()
+
+    def _take(self, pending: bytearray, chunk: bytes) -> None:
+        """Add a chunk to the unfinished line; emit every line it completes, and long ones."""
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                break
+            pending += chunk[start:end]
+            self._emit_long(pending)
+            self.emit(bytes(pending))
+            pending.clear()
+            start = end + 1
+        pending += chunk[start:]
+        self._emit_long(pending)
+
+    def _emit_long(self, pending: bytearray) -> None:
+        """Emit MAX_LINE pieces of an unfinished line while it is longer than that."""
+        while len(pending) > MAX_LINE:
+            self.emit(bytes(pending[:MAX_LINE]))
+            del pending[:MAX_LINE]

@@ -296,8 +296,9 @@ class ServiceSpec(SharedOptions):
     def container_spec(self, environ: Mapping[str, str] | None = None) -> ContainerSpec:
         """Return the spec of the service's container.
 
-        Its mounts are `default_mounts(namespaces)`, the mappings, and the
-        log file (writable), when the service has a mount namespace; its
+        Its mounts are `default_mounts(namespaces)` and the mappings, when
+        the service has a mount namespace (the log file is added by
+        `service_extras`, refused if it is a link); its
         environment is `environment`, or `environ` (the caller's, by
         default) when that is None.
         """
@@ -305,8 +306,6 @@ class ServiceSpec(SharedOptions):
         if "mnt" in self.namespaces:
             mounts.extend(default_mounts(self.namespaces))
             mounts.extend(self.mappings)
-            if self.log_file is not None:
-                mounts.append(FileSystemMapping(self.log_file, writable=True))
         env = self.environment
         if env is None:
             env = tuple((os.environ if environ is None else environ).items())
@@ -386,4 +385,7 @@ def service_extras(spec: ServiceSpec) -> Extras:
         # A daemon's PID file is read in its mount namespace, through the
         # container's root, which the first process may not outlive.
         send_root=spec.pid_file is not None and "mnt" in spec.namespaces,
+        writable_files=(spec.log_file,)
+        if spec.log_file is not None and "mnt" in spec.namespaces
+        else (),
     )
