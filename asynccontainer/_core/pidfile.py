@@ -17,7 +17,10 @@ from __future__ import annotations
 import errno
 import math
 import os
+import select
+import stat
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -129,6 +132,26 @@ class _Opener:
             _kernel.RESOLVE_IN_ROOT | _kernel.RESOLVE_NO_MAGICLINKS,
         )
 
+    def open_regular(self, path: str) -> int:
+        """Open `path` for reading if it is a regular file (not through a final link).
+
+        The file is first opened O_PATH, which never blocks and opens no
+        device: a PID file that is a FIFO (or a link to a terminal) would
+        otherwise hang open(2), and the whole event loop with it. Only a
+        regular file is then opened for reading, through its fd.
+
+        Raises:
+            _NotYet: when it is not a regular file.
+            OSError: as openat2(2) or open(2) fail.
+        """
+        fd = self(path, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _NotYet("it is not a regular file")
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        finally:
+            os.close(fd)
+
 
 def _no_writer(fd: int) -> bool:
     """Return True if no process has the file open for writing.
@@ -238,6 +261,35 @@ class PidTranslator:
         raise _NotYet(f"it names PID {pid_in_container} of the container, which is not alive")
 
 
+def _read(opener: _Opener, file: str, watch: _Watch) -> tuple[bytes, bool]:
+    """Return the PID file's first bytes, and whether its writer is done with it.
+
+    Raises:
+        _NotYet: it does not exist, cannot be opened (a link in the way),
+            or is not a regular file.
+    """
+    try:
+        fd = opener.open_regular(file)
+    except FileNotFoundError:
+        raise _NotYet("it does not exist") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+            raise
+        raise _NotYet(f"it cannot be opened ({exc.strerror})") from None
+    try:
+        content = os.read(fd, 4096)
+        return content, watch.closed_after_write or _no_writer(fd)
+    finally:
+        os.close(fd)
+
+
+def _still_running(pidfd: int) -> bool:
+    """Return whether the process of a pidfd runs: a pidfd turns readable at its exit."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return not poller.poll(0)
+
+
 async def read_pid_file(
     path: str | os.PathLike[str],
     *,
@@ -283,26 +335,44 @@ async def read_pid_file(
         )
     from .container import Container
 
-    if isinstance(container, Container):
-        if container.returncode is not None:
-            raise ProcessLookupError(3, f"{container!r} has exited")
-        container_pid = container.pid
-    elif isinstance(container, int) and not isinstance(container, bool):
-        container_pid = container
-    else:
+    if isinstance(container, bool) or not isinstance(container, Container | int):
         raise TypeError(f"container must be a Container or a PID, not {container!r}")
     if not file.startswith("/"):
         raise ValueError(f"the PID file {file!r} must be an absolute path in the container")
-    translate = PidTranslator(container_pid)
+    if isinstance(container, Container) and container.returncode is not None:
+        raise ProcessLookupError(3, f"{container!r} has exited")
+    container_pid = container.pid if isinstance(container, Container) else container
+    # A pidfd of our own: it says when the container exits, and that the
+    # /proc entries opened below were its own, not a recycled PID's.
     try:
-        root_fd = os.open(f"/proc/{container_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        pidfd = _kernel.pidfd_open(container_pid)
+    except ProcessLookupError:
         raise ProcessLookupError(
             3, f"no process with PID {container_pid} (it may have exited)"
         ) from None
-    return await wait_for_pid_file(
-        file, timeout=timeout, root_fd=root_fd, translate=translate, where=f" in {container!r}"
-    )
+    try:
+        translate = PidTranslator(container_pid)
+        root_fd = _open_root(container_pid)
+        if not _still_running(pidfd):
+            os.close(root_fd)
+            raise ProcessLookupError(3, f"{container!r} has exited")
+        return await wait_for_pid_file(
+            file,
+            timeout=timeout,
+            root_fd=root_fd,
+            translate=translate,
+            where=f" in {container!r}",
+            alive=lambda: _still_running(pidfd),
+        )
+    finally:
+        os.close(pidfd)
+
+
+def _open_root(pid: int) -> int:
+    try:
+        return os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(3, f"no process with PID {pid} (it may have exited)") from None
 
 
 async def wait_for_pid_file(
@@ -312,14 +382,17 @@ async def wait_for_pid_file(
     root_fd: int | None,
     translate: PidTranslator,
     where: str = "",
+    alive: Callable[[], bool] | None = None,
 ) -> int:
     """Wait for `file` (opened from `root_fd`, which this closes) to name a live process.
 
     The engine of read_pid_file, also used by services, which keep their
-    container's root open themselves.
+    container's root open themselves. `alive` says whether the container
+    still runs: once it does not, waiting longer is useless.
 
     Raises:
         TimeoutError, ValueError: as read_pid_file.
+        ProcessLookupError: `alive` said the container has exited.
     """
     opener = _Opener(root_fd)
     directory, name = os.path.split(file)
@@ -331,30 +404,19 @@ async def wait_for_pid_file(
         raise
     deadline = anyio.current_time() + timeout
     interval = _POLL_FIRST
-    why = "it does not exist"
     try:
         while True:
             watching = watch.ensure()
             try:
-                fd = opener(file, os.O_RDONLY)
-            except FileNotFoundError:
-                why = "it does not exist"
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
-                    raise
-                why = f"it cannot be opened ({exc.strerror})"
-            else:
-                try:
-                    content = os.read(fd, 4096)
-                    complete = watch.closed_after_write or _no_writer(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    return translate(_parse(content, complete))
-                except _NotYet as not_yet:
-                    why = str(not_yet)
-                except ValueError as exc:
-                    raise ValueError(f"the PID file {file}{where} is not valid: {exc}") from None
+                return translate(_parse(*_read(opener, file, watch)))
+            except _NotYet as not_yet:
+                why = str(not_yet)
+            except ValueError as exc:
+                raise ValueError(f"the PID file {file}{where} is not valid: {exc}") from None
+            if alive is not None and not alive():
+                raise ProcessLookupError(
+                    3, f"the container{where} exited before its PID file {file} named a process"
+                )
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 raise TimeoutError(
