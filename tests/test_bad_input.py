@@ -507,3 +507,77 @@ async def test_stop_with_a_bad_grace(grace: object, error: type[BaseException], 
         # Nothing was done: the container still runs.
         assert container.returncode is None
         assert os.path.exists(f"/proc/{container.pid}")
+
+
+# -- issue 12: inputs that once spawned first, or meant something else -------------
+
+MORE_CASES: list[tuple[str, type[BaseException], str, Callable[[], object]]] = [
+    (
+        "relative-bind-source",
+        ValueError,
+        r"the source 'data' of a bind mount is relative",
+        lambda: ac.FileSystem("data", "/x", "none", flags={"bind-mount"}),
+    ),
+    (
+        "nul-in-mount-point",
+        ValueError,
+        r"NUL byte",
+        lambda: ac.FileSystem("none", "/a\0b", "tmpfs"),
+    ),
+    ("nul-in-device", ValueError, r"NUL byte", lambda: ac.FileSystem("/a\0", "/x", "none")),
+    (
+        "nul-in-options",
+        ValueError,
+        r"NUL byte",
+        lambda: ac.FileSystem("none", "/x", "tmpfs", options="a\0"),
+    ),
+    ("nul-in-mapping", ValueError, r"NUL byte", lambda: ac.FileSystemMapping("/usr\0/x")),
+    ("nul-in-link-target", ValueError, r"NUL byte", lambda: ac.Symlink("/l", "/t\0")),
+    ("nul-in-cwd", ValueError, r"NUL byte", lambda: ac.ContainerSpec(cwd="/a\0")),
+    ("nul-in-root", ValueError, r"NUL byte", lambda: ac.ContainerSpec(root="/a\0")),
+    ("nul-in-env", ValueError, r"not valid", lambda: ac.ContainerSpec(env={"A": "b\0"})),
+    (
+        "memory-beyond-any-machine",
+        ValueError,
+        r"more than any machine has",
+        lambda: ac.ContainerSpec(limits={"memory": 2**64}),
+    ),
+    (
+        "supplementary-groups-a-string",
+        TypeError,
+        r"supplementary_groups is a sequence of names or ids, not 'root'",
+        lambda: ac.ServiceSpec(["true"], supplementary_groups="root"),  # type: ignore[arg-type]
+    ),
+    (
+        "negative-user",
+        ValueError,
+        r"user -1 is not an id",
+        lambda: ac.ServiceSpec(["true"], user=-1),
+    ),
+    (
+        "group-out-of-range",
+        ValueError,
+        r"group 4294967295 is not an id",
+        lambda: ac.ServiceSpec(["true"], group=2**32 - 1),
+    ),
+    (
+        "supplementary-group-negative",
+        ValueError,
+        r"supplementary_groups -5 is not an id",
+        lambda: ac.ServiceSpec(["true"], supplementary_groups=[-5]),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "match", "make"),
+    [pytest.param(*case[1:], id=case[0]) for case in MORE_CASES],
+)
+def test_bad_values_are_refused_when_made(
+    error: type[BaseException], match: str, make: Callable[[], object]
+) -> None:
+    ac.shutdown_fork_server()
+    with pytest.raises(error, match=match) as info:
+        make()
+    assert type(info.value) is error
+    assert _client._server is None

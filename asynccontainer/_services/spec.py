@@ -19,7 +19,7 @@ import attrs
 
 from .._plan import steps
 from .._plan.build import Extras
-from .._spec.checks import absolute_path, boolean, environment, seconds
+from .._spec.checks import MAX_ID, absolute_path, boolean, environment, seconds
 from .._spec.container import ContainerSpec, SharedOptions, check_rules
 from .._spec.filesystems import (
     CONTAINER_FILE_SYSTEMS,
@@ -178,8 +178,22 @@ def _umask(instance: object, attribute: attrs.Attribute[int | None], value: int 
 
 
 def _account(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, str | int):
         raise TypeError(f"{attribute.name} is a name or a numeric id, not {value!r}")
+    if isinstance(value, int) and not 0 <= value <= MAX_ID:
+        raise ValueError(f"{attribute.name} {value} is not an id: give 0 to {MAX_ID}")
+    if isinstance(value, str) and (not value or "\0" in value or ":" in value):
+        raise ValueError(f"{attribute.name} {value!r} is not a user or group name")
+
+
+def _groups(value: Iterable[str | int]) -> tuple[str | int, ...]:
+    if isinstance(value, str | bytes | int):
+        raise TypeError(
+            f"supplementary_groups is a sequence of names or ids, not {value!r}; write [{value!r}]"
+        )
+    return tuple(value)
 
 
 def _accounts(instance: object, attribute: attrs.Attribute[Any], value: tuple[object, ...]) -> None:
@@ -260,7 +274,7 @@ class ServiceSpec(SharedOptions):
     user: str | int | None = attrs.field(default=None, kw_only=True, validator=_account)
     group: str | int | None = attrs.field(default=None, kw_only=True, validator=_account)
     supplementary_groups: tuple[str | int, ...] = attrs.field(
-        default=(), kw_only=True, converter=tuple, validator=_accounts
+        default=(), kw_only=True, converter=_groups, validator=_accounts
     )
     log_file: str | None = attrs.field(default=None, kw_only=True, converter=_log_file)
     pid_file: str | None = attrs.field(default=None, kw_only=True, converter=_pid_file)

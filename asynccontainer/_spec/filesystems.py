@@ -66,6 +66,24 @@ def _absolute_path(what: str) -> Any:
             )
         if ".." in value.split("/"):
             raise ValueError(f"{what} {value!r} contains '..'; give it without '..'")
+        _no_nul(what, value)
+
+    return check
+
+
+def _no_nul(what: str, value: str) -> None:
+    # A C string ends at NUL: the kernel would see another path than the one given.
+    if "\0" in value:
+        raise ValueError(f"{what} {value!r} contains a NUL byte")
+
+
+def _text(what: str) -> Any:
+    """Make a validator of a str without NUL bytes."""
+
+    def check(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"{what} must be a str, not {value!r}")
+        _no_nul(what, value)
 
     return check
 
@@ -117,14 +135,21 @@ class FileSystem:
         TypeError: for values of the wrong type.
     """
 
-    device: str = attrs.field(validator=attrs.validators.instance_of(str))
+    device: str = attrs.field(validator=_text("device"))
     mount_point: str = attrs.field(converter=_normalize, validator=_absolute_path("mount point"))
-    type: str = attrs.field(validator=attrs.validators.instance_of(str))
+    type: str = attrs.field(validator=_text("type"))
     flags: frozenset[str] = attrs.field(default=frozenset(), converter=_flag_set)
     options: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
+        default=None, validator=attrs.validators.optional(_text("options"))
     )
     check: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    def __attrs_post_init__(self) -> None:
+        if self.is_bind_mount and not self.device.startswith("/"):
+            # It would be resolved against the fork server's working directory.
+            raise ValueError(
+                f"the source {self.device!r} of a bind mount is relative; give an absolute path"
+            )
 
     @check.validator
     def _no_fsck(self, attribute: attrs.Attribute[bool], value: bool) -> None:
@@ -199,7 +224,7 @@ class Symlink:
     """
 
     path: str = attrs.field(converter=_normalize, validator=_absolute_path("symlink path"))
-    target: str = attrs.field(validator=attrs.validators.instance_of(str))
+    target: str = attrs.field(validator=_text("symlink target"))
 
 
 MountItem = FileSystem | FileSystemMapping | Symlink

@@ -42,6 +42,8 @@ __all__ = [
 CPU_PERIOD = 100_000
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _KEYS = ("memory", "pids", "cpu", "cpu_weight")
+# 8 EiB less a page: the largest limit memory.max and memory.limit_in_bytes keep.
+_MAX_MEMORY = 2**63 - 4096
 PREFIX = "asynccontainer-"
 
 
@@ -102,6 +104,12 @@ def _parse_size(value: object) -> int:
     # Below a megabyte the container cannot even start its first process.
     if number < 1 << 20:
         raise ValueError(f"limits['memory'] {value!r} is under 1M; a container needs more")
+    # The cgroup files take a signed 64-bit byte count (and round it to pages).
+    if number > _MAX_MEMORY:
+        raise ValueError(
+            f"limits['memory'] {value!r} is more than any machine has; "
+            "leave 'memory' out for no limit"
+        )
     return number
 
 

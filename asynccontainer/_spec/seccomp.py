@@ -52,8 +52,19 @@ _DEFAULT_DENIED = frozenset(
         "clock_adjtime",
         "adjtimex",
         "lookup_dcookie",
+        # io_uring does on its own what a filter sees as system calls, and
+        # keeps giving privilege escalations; Docker's default refuses it.
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
     }
 )
+
+# <asm-generic/ioctls.h>: pushing input into a terminal, and the Linux
+# console's selection paste (CVE-2023-1523 class): a container holding a
+# terminal of the caller's could type into its shell.
+_IOCTLS = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C}
+_DEFAULT_IOCTLS = frozenset(_IOCTLS)
 
 
 def _syscall_names(names: Iterable[str]) -> frozenset[str]:
@@ -75,6 +86,18 @@ def _syscall_names(names: Iterable[str]) -> frozenset[str]:
     return result
 
 
+def _ioctl_names(names: Iterable[str]) -> frozenset[str]:
+    if isinstance(names, str):
+        raise TypeError(f"give ioctl names as a set, not the string {names!r}")
+    result = frozenset(names)
+    unknown = sorted(map(repr, result - set(_IOCTLS)))
+    if unknown:
+        raise ValueError(
+            f"unknown ioctl(s) {', '.join(unknown)}; the filter knows {', '.join(sorted(_IOCTLS))}"
+        )
+    return result
+
+
 @attrs.frozen
 class SeccompPolicy:
     """A seccomp filter for a container's target: what it may not call.
@@ -86,6 +109,10 @@ class SeccompPolicy:
     whose flags a filter cannot read, with ENOSYS so that libc falls back
     to clone). A policy is compose-able: ``SeccompPolicy(deny=
     DEFAULT_SECCOMP.deny | {"mount"})``.
+
+    `deny_ioctls` names the terminal ioctls refused with EPERM: TIOCSTI
+    (pushing keystrokes into a terminal) and TIOCLINUX by default, compared
+    on the request's low 32 bits, as the kernel reads it (CVE-2019-10063).
 
     `deny_setuid_files` keeps the container from making files that grant
     privilege to whoever runs them: chmod and its kin, open, creat and
@@ -109,12 +136,14 @@ class SeccompPolicy:
     deny_setuid_files: bool | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
     )
+    deny_ioctls: frozenset[str] = attrs.field(default=_DEFAULT_IOCTLS, converter=_ioctl_names)
 
 
 DEFAULT_SECCOMP = SeccompPolicy()
 """The default filter: keyring, userfaultfd, kexec, modules, open_by_handle_at,
-perf_event_open, bpf, swap, reboot, accounting and clock changes fail with EPERM;
-for a root caller, so does giving a file the setuid or setgid bit."""
+perf_event_open, bpf, io_uring, swap, reboot, accounting and clock changes fail
+with EPERM, and so do the TIOCSTI and TIOCLINUX ioctls; for a root caller, so
+does giving a file the setuid or setgid bit."""
 
 # <sys/stat.h>
 _S_ISUID = 0o4000
@@ -133,6 +162,7 @@ _MODE_ARGUMENT = {
 }
 # What a filter cannot see into: a mode in a structure, or no system call at all.
 _OPAQUE = ("openat2", "io_uring_setup", "io_uring_enter", "io_uring_register")
+_LOW_32_BITS = 0xFFFFFFFF
 # <asm-generic/unistd.h>: calls newer than some libseccomp releases; the
 # numbers are the same on every architecture.
 _NEW_SYSCALLS = {"fchmodat2": 452}
@@ -143,7 +173,14 @@ def _number(lib: ctypes.CDLL, name: str) -> int:
     return _NEW_SYSCALLS.get(name, number) if number < 0 else number
 
 
-def _setuid_rules(lib: ctypes.CDLL, context: int) -> None:
+def _ioctl_rules(lib: ctypes.CDLL, context: int, names: frozenset[str]) -> None:
+    denied = _libseccomp.scmp_act_errno(errno.EPERM)
+    for name in sorted(names):
+        request = _libseccomp.ArgCmp(1, _libseccomp.SCMP_CMP_MASKED_EQ, _LOW_32_BITS, _IOCTLS[name])
+        _rule(lib, context, denied, "ioctl", [request])
+
+
+def _setuid_rules(lib: ctypes.CDLL, context: int, already: frozenset[str]) -> None:
     denied = _libseccomp.scmp_act_errno(errno.EPERM)
     for name, argument in _MODE_ARGUMENT.items():
         if _number(lib, name) < 0:
@@ -152,7 +189,8 @@ def _setuid_rules(lib: ctypes.CDLL, context: int) -> None:
             comparison = _libseccomp.ArgCmp(argument, _libseccomp.SCMP_CMP_MASKED_EQ, bit, bit)
             _rule(lib, context, denied, name, [comparison])
     for name in _OPAQUE:
-        _rule(lib, context, _libseccomp.scmp_act_errno(errno.ENOSYS), name, [])
+        if name not in already:  # refused already by the policy's deny list
+            _rule(lib, context, _libseccomp.scmp_act_errno(errno.ENOSYS), name, [])
 
 
 def _rule(
@@ -198,8 +236,9 @@ def compile_policy(policy: SeccompPolicy, *, deny_setuid_files: bool) -> bytes:
             _rule(lib, context, _libseccomp.scmp_act_errno(errno.EPERM), "unshare", [new_user])
             _rule(lib, context, _libseccomp.scmp_act_errno(errno.EPERM), "clone", [new_user])
             _rule(lib, context, _libseccomp.scmp_act_errno(errno.ENOSYS), "clone3", [])
+        _ioctl_rules(lib, context, policy.deny_ioctls)
         if deny_setuid_files:
-            _setuid_rules(lib, context)
+            _setuid_rules(lib, context, policy.deny)
         fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
         try:
             result = lib.seccomp_export_bpf(context, fd)

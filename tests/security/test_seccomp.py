@@ -32,7 +32,9 @@ def errno_of(name: str, *arguments: int) -> int:
     return ctypes.get_errno() if result < 0 else 0
 
 
-@pytest.mark.parametrize("name", ["keyctl", "add_key", "userfaultfd", "open_by_handle_at"])
+@pytest.mark.parametrize(
+    "name", ["keyctl", "add_key", "userfaultfd", "open_by_handle_at", "io_uring_setup"]
+)
 async def test_default_filter_denies(name: str) -> None:
     assert await ac.call_with_container(lambda: errno_of(name) == errno.EPERM or exit(9)) == 0
 

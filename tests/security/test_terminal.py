@@ -29,20 +29,28 @@ CALLER = textwrap.dedent(
     fd = os.open(sys.argv[1], os.O_RDWR)  # no O_NOCTTY: it becomes ours
     os.dup2(fd, 0)
     os.close(fd)
+    # Through libc, so that the request's upper 32 bits can be set too
+    # (CVE-2019-10063: a filter comparing all 64 bits let them through).
     INJECT = (
-        "import fcntl, termios\\n"
-        "try:\\n"
-        "    fcntl.ioctl(0, termios.TIOCSTI, b'X')\\n"
+        "import ctypes, os, sys, termios\\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\\n"
+        "request = termios.TIOCSTI | (int(sys.argv[1]) << 32)\\n"
+        "byte = ctypes.c_char(b'X')\\n"
+        "if libc.ioctl(0, ctypes.c_ulong(request), ctypes.byref(byte)) == 0:\\n"
         "    print('ioctl ok')\\n"
-        "except OSError as exc:\\n"
-        "    print('ioctl', exc.errno)\\n"
+        "else:\\n"
+        "    print('ioctl', ctypes.get_errno())\\n"
     )
 
     async def main():
+        seccomp = ac.DEFAULT_SECCOMP
+        if sys.argv[4] == "unfiltered":
+            seccomp = ac.SeccompPolicy(deny_ioctls=frozenset())
         code = await ac.call_with_container(
-            ["python3", "-c", INJECT],
+            ["python3", "-c", INJECT, sys.argv[5]],
             mounts=ac.HOST_SYSTEM_MAPPINGS,
             new_session=sys.argv[2] == "1",
+            seccomp=seccomp,
         )
         assert code == 0, code
 
@@ -57,14 +65,20 @@ CALLER = textwrap.dedent(
 )
 
 
-def run_caller(new_session: bool, backend: str) -> list[str]:
+def run_caller(
+    new_session: bool, backend: str, *, filtered: bool = True, high_bits: int = 0
+) -> list[str]:
     master, slave = os.openpty()
     try:
         path = os.ttyname(slave)
         os.close(slave)
         slave = -1
         result = subprocess.run(
-            [sys.executable, "-c", CALLER, path, "1" if new_session else "0", backend],
+            [
+                *(sys.executable, "-c", CALLER, path, "1" if new_session else "0", backend),
+                "filtered" if filtered else "unfiltered",
+                str(high_bits),
+            ],
             stdin=subprocess.DEVNULL,
             check=False,
             capture_output=True,
@@ -90,6 +104,20 @@ def test_tiocsti_into_the_callers_terminal_fails(backend: str) -> None:
 
 
 @BACKENDS
+@pytest.mark.parametrize("high_bits", [0, 1], ids=["request", "request-with-upper-bits"])
+def test_the_filter_refuses_tiocsti_even_from_the_callers_session(
+    backend: str, high_bits: int
+) -> None:
+    """Defence in depth: new_session=False, and the default seccomp filter still says EPERM.
+
+    The request is compared on its low 32 bits (the kernel's own width),
+    so setting the upper ones does not get past (CVE-2019-10063).
+    """
+    result = run_caller(False, backend, high_bits=high_bits)
+    assert result == [f"ioctl {errno.EPERM}", "queued b''"]
+
+
+@BACKENDS
 def test_control_in_the_callers_session_the_injection_works(backend: str) -> None:
-    """The control: from the caller's session the same ioctl queues the byte."""
-    assert run_caller(False, backend) == ["ioctl ok", "queued b'X'"]
+    """The control: from the caller's session, without the ioctl rule, the ioctl queues the byte."""
+    assert run_caller(False, backend, filtered=False) == ["ioctl ok", "queued b'X'"]
