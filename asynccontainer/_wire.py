@@ -55,6 +55,7 @@ __all__ = [
     "Forked",
     "FrameBuffer",
     "IdMap",
+    "KillRequest",
     "Raised",
     "Ready",
     "Returned",
@@ -133,6 +134,18 @@ def _format(exc: BaseException) -> str:
         return "".join(traceback.format_exception(exc))
     except BaseException:
         return f"{type(exc).__qualname__} (its traceback could not be formatted)\n"
+
+
+@attrs.frozen
+class KillRequest:
+    """Caller to server: SIGKILL the container `pid`, if the server still has it unreaped.
+
+    For a container whose pidfd the caller lost (it had no free fd): the
+    server, its parent, can signal it without any race on the PID, which
+    stays its own until it reaps it.
+    """
+
+    pid: int
 
 
 @attrs.frozen
@@ -391,32 +404,28 @@ def send_frame(sock: socket.socket, message: object, fds: Sequence[int] = ()) ->
         sock.sendall(data[sent:])
 
 
-def unpack_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> list[int]:
-    """Return the fds of SCM_RIGHTS ancillary data.
+def unpack_fds(ancdata: list[tuple[int, int, bytes]], flags: int) -> tuple[list[int], bool]:
+    """Return the fds of SCM_RIGHTS ancillary data, and whether some were lost.
 
-    Raises:
-        OSError: when the kernel truncated the ancillary data (MSG_CTRUNC):
-            the fds that did not fit were closed by the kernel and are lost.
+    Some are lost when the kernel truncated the ancillary data (MSG_CTRUNC):
+    the receiver had no free fd for them, and the kernel closed them.
     """
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % array.array("i").itemsize
             fds.extend(array.array("i", data[:usable]))
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise OSError("file descriptors were lost in transit (MSG_CTRUNC)")
-    return fds
+    return fds, bool(flags & socket.MSG_CTRUNC)
 
 
-def recvmsg_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
-    """recvmsg() with room for MAX_FDS fds, received close-on-exec."""
+def recvmsg_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
+    """recvmsg() with room for MAX_FDS fds, received close-on-exec; also whether fds were lost."""
     # MSG_CMSG_CLOEXEC: an fd received without it would leak into whatever
     # the receiver executes next (Python sets O_CLOEXEC on fds it creates,
     # but not on those it receives).
     data, ancdata, flags, _ = sock.recvmsg(size, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC)
-    return data, unpack_fds(ancdata, flags)
+    fds, lost = unpack_fds(ancdata, flags)
+    return data, fds, lost
 
 
 class FrameBuffer:
@@ -432,11 +441,17 @@ class FrameBuffer:
         self._data = bytearray()
         self._fds: list[int] = []
         self._loads = loads
+        self._lost = False
 
-    def feed(self, data: bytes, fds: Sequence[int]) -> None:
-        """Add received bytes and fds."""
+    def feed(self, data: bytes, fds: Sequence[int], lost: bool = False) -> None:
+        """Add received bytes and fds; `lost` says the kernel dropped fds sent with them.
+
+        A frame whose fds were dropped is then handed out with fewer fds
+        than its header says: the receiver decides what that means.
+        """
         self._data += data
         self._fds.extend(fds)
+        self._lost = self._lost or lost
 
     def next_frame(self) -> tuple[object, list[int]] | None:
         """Return the next complete (message, fds), or None if more bytes are needed."""
@@ -444,8 +459,10 @@ class FrameBuffer:
             return None
         length, nfds = _HEADER.unpack_from(self._data)
         end = _HEADER.size + length
-        if len(self._data) < end or len(self._fds) < nfds:
+        if len(self._data) < end or (len(self._fds) < nfds and not self._lost):
             return None
+        if len(self._fds) < nfds:
+            self._lost = False  # this frame's fds were the ones dropped
         payload = bytes(self._data[_HEADER.size : end])
         del self._data[:end]
         fds, self._fds = self._fds[:nfds], self._fds[nfds:]
@@ -479,10 +496,10 @@ def recv_frame(sock: socket.socket, buffer: FrameBuffer) -> tuple[object, list[i
         frame = buffer.next_frame()
         if frame is not None:
             return frame
-        data, fds = recvmsg_fds(sock, 65536)
+        data, fds, lost = recvmsg_fds(sock, 65536)
         if not data and not fds:
             raise EOFError("the peer closed the socket")
-        buffer.feed(data, fds)
+        buffer.feed(data, fds, lost)
 
 
 # What a container or an excursion may send its caller, and nothing else.

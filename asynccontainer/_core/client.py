@@ -26,6 +26,7 @@ from .._wire import (
     Exited,
     Forked,
     FrameBuffer,
+    KillRequest,
     SpawnFailed,
     SpawnRequest,
     encode_frame,
@@ -36,7 +37,9 @@ from .._wire import (
 __all__ = [
     "AsyncFrameChannel",
     "ForkServer",
+    "PidfdLost",
     "fork_server",
+    "kill_by_server",
     "rebuild_exception",
     "receive_status",
     "send_request",
@@ -186,7 +189,7 @@ _FULL_PAUSE_LAST = 0.02
 _CONTROL_BUFFER = 4 * 1024 * 1024
 
 
-async def send_request(request: SpawnRequest, fds: Sequence[int]) -> None:
+async def send_request(request: SpawnRequest | KillRequest, fds: Sequence[int]) -> None:
     """Send one request datagram to the fork server (starting it if needed).
 
     Raises:
@@ -245,15 +248,15 @@ class AsyncFrameChannel:
             if self._eof:
                 raise EOFError("the peer closed the socket")
             try:
-                data, fds = recvmsg_fds(self.sock, 65536)
+                data, fds, lost = recvmsg_fds(self.sock, 65536)
             except BlockingIOError:
                 await anyio.wait_readable(self.sock)
                 continue
             except ConnectionResetError:
-                data, fds = b"", []
+                data, fds, lost = b"", [], False
             if not data and not fds:
                 self._eof = True
-            self._buffer.feed(data, fds)
+            self._buffer.feed(data, fds, lost)
 
     async def send(self, message: object, fds: Sequence[int] = ()) -> None:
         """Send one frame, its fds with the first byte.
@@ -296,11 +299,26 @@ async def receive_status(
         ) from None
     if isinstance(message, Forked) and len(fds) == 1:
         return message, fds[0]
+    if isinstance(message, Forked) and not fds:
+        raise PidfdLost(message.pid)
     for fd in fds:
         os.close(fd)
     if isinstance(message, SpawnFailed | Exited):
         return message, None
     raise ContainerError(f"unexpected message from the fork server: {message!r}")
+
+
+class PidfdLost(Exception):
+    """The pidfd of a container came without its fd: this process had none free (EMFILE)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+async def kill_by_server(pid: int) -> None:
+    """Have the fork server SIGKILL its container `pid` (one whose pidfd is lost)."""
+    await send_request(KillRequest(pid), ())
 
 
 def rebuild_exception(info: ExceptionInfo, where: str = "") -> BaseException:

@@ -8,6 +8,7 @@ the container's handshake socket. See docs/design.md for the whole exchange.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -24,7 +25,7 @@ import anyio
 from .. import _kernel
 from .._errors import ContainerError
 from .._plan.build import Target, plan_container
-from .._plan.steps import ContainerPlan
+from .._plan.steps import Call, ContainerPlan, Exec
 from .._spec.container import ContainerOptions, ContainerSpec, resolve_spec
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
@@ -42,6 +43,8 @@ from .._wire import (
 )
 from .client import (
     AsyncFrameChannel,
+    PidfdLost,
+    kill_by_server,
     rebuild_exception,
     receive_status,
     send_request,
@@ -378,7 +381,12 @@ async def start_process(
     Cancellation: whatever was created is killed and reaped first.
     """
     caller_handshake, child_handshake = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    caller_status, server_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        caller_status, server_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except BaseException:  # EMFILE: nothing may be left open
+        caller_handshake.close()
+        child_handshake.close()
+        raise
     # What comes back on it is written by a process in the container's hands.
     handshake = AsyncFrameChannel(caller_handshake, decode_reply)
     status = AsyncFrameChannel(caller_status)
@@ -395,7 +403,18 @@ async def start_process(
         except (BrokenPipeError, ConnectionResetError):
             # The child died before reading it; the status channel says why.
             pass
-        message, pidfd = await receive_status(status)
+        try:
+            message, pidfd = await receive_status(status)
+        except PidfdLost as lost:
+            # Without its pidfd the container would have no handle: the
+            # server, its parent, kills it; its exit is read as usual below.
+            await kill_by_server(lost.pid)
+            raise OSError(
+                errno.EMFILE,
+                "this process had no free file descriptor for the container's pidfd; the "
+                "container was killed. Raise the soft limit (RLIMIT_NOFILE, `ulimit -n`) or "
+                "close fds",
+            ) from None
         if isinstance(message, SpawnFailed):
             await _drain(status)
             raise rebuild_exception(message.error)
@@ -459,6 +478,13 @@ async def await_ready(
                 f"the container process exited during its set-up with status {returncode} "
                 "before reporting an error (killed from outside?)"
             )
+        if isinstance(reply, Ready | Execing) and root is None and _sends_root(plan):
+            await container._kill_and_reap()
+            raise OSError(
+                errno.EMFILE,
+                "this process had no free file descriptor for the container's root; the "
+                "container was killed. Raise the soft limit (RLIMIT_NOFILE) or close fds",
+            )
         if isinstance(reply, Ready):
             return root
         if isinstance(reply, Execing):
@@ -470,6 +496,11 @@ async def await_ready(
             raise rebuild_failure(reply, plan)
         else:
             raise ContainerError(f"unexpected message from the container: {reply!r}")
+
+
+def _sends_root(plan: ContainerPlan | None) -> bool:
+    last = plan.steps[-1] if plan is not None and plan.steps else None
+    return isinstance(last, Exec | Call) and last.send_root
 
 
 def rebuild_failure(failure: StepFailed | SetupFailed, plan: ContainerPlan | None) -> BaseException:

@@ -20,6 +20,7 @@ through PR_SET_PDEATHSIG, and its containers die with it the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import resource
@@ -40,6 +41,7 @@ from .._wire import (
     ExceptionInfo,
     Exited,
     Forked,
+    KillRequest,
     SpawnFailed,
     SpawnRequest,
     encode_frame,
@@ -58,6 +60,10 @@ _MAX_ZYGOTES = 4
 
 # A request is a pickled SpawnRequest of a few hundred bytes.
 _MAX_REQUEST = 65536
+
+# fds kept free: enough to receive a request (two), clone, answer, and make
+# cgroups or a veth pair on the way.
+_FD_MARGIN = 16
 
 
 class _Server:
@@ -82,6 +88,9 @@ class _Server:
         # Flags served since the server was last idle: a zygote is wanted.
         self.wanted: set[int] = set()
         self.running = True
+        # What is open when the loop starts: stdio, the control socket, the
+        # selector, the wakeup pipe, libraries' own.
+        self.base_fds = len(os.listdir("/proc/self/fd"))
 
     def run(self) -> None:
         # SIGCHLD wakes the loop through the wakeup fd (PEP 475 retries the
@@ -110,7 +119,7 @@ class _Server:
 
     def receive_request(self) -> None:
         try:
-            data, fds = recvmsg_fds(self.control, _MAX_REQUEST)
+            data, fds, lost = recvmsg_fds(self.control, _MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
             return
         if not data:
@@ -121,11 +130,17 @@ class _Server:
             return
         try:
             request = pickle.loads(data)
-            if not isinstance(request, SpawnRequest) or len(fds) != 2:
+            if isinstance(request, KillRequest) and not fds:
+                self.kill(request.pid)
+                return
+            if not isinstance(request, SpawnRequest) or len(fds) != 2 or lost:
                 raise ValueError(f"malformed request {request!r} with {len(fds)} fds")
         except Exception:
             # Only the caller can reach this socket; a malformed request is
-            # a bug on its side and must not take down the other containers.
+            # a bug on its side, and a request whose fds were lost (no free
+            # fd here: the margin below keeps that from happening) cannot be
+            # answered; neither may take down the other containers. The
+            # caller sees its status socket closed.
             for fd in fds:
                 os.close(fd)
             return
@@ -181,7 +196,38 @@ class _Server:
             return None
         return zygote
 
+    def kill(self, pid: int) -> None:
+        """SIGKILL a container not reaped yet (its PID is still its own); else nothing."""
+        if pid in self.status:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def short_of_fds(self) -> bool:
+        """Return True when a start could leave too few fds to receive the next request.
+
+        Each live container holds one fd here (its status socket), each
+        zygote one (its go socket); a start needs a few for a moment (a
+        socket pair to clone, a pidfd, cgroup files, netlink for a veth).
+        Refusing with EMFILE while _FD_MARGIN are free keeps every request
+        received whole, and answered.
+        """
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = self.base_fds + len(self.status) + len(self.zygotes)
+        return soft - in_use < _FD_MARGIN
+
     def spawn(self, request: SpawnRequest, handshake_fd: int, status: socket.socket) -> None:
+        if self.short_of_fds():
+            error = OSError(
+                errno.EMFILE,
+                f"the fork server has too few file descriptors left for another container "
+                f"({len(self.status)} run, each holding one there); raise its hard limit "
+                "(RLIMIT_NOFILE, `ulimit -Hn`) or run fewer containers at once",
+            )
+            self.send(status, SpawnFailed(ExceptionInfo.capture(error)))
+            status.close()
+            return
         flags = request.clone_flags
         zygote = self.take_zygote(flags)
         if zygote is None:

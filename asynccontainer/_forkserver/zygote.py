@@ -68,9 +68,9 @@ def _wait_for_go(go_fd: int) -> int:
         # and handed over the handshake socket. End-of-file means the
         # server died or gave up on us.
         go = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, go_fd)
-        data, fds = recvmsg_fds(go, 16)
+        data, fds, lost = recvmsg_fds(go, 16)
         go.close()
-        if data != b"g" or len(fds) != 1:
+        if data != b"g" or len(fds) != 1 or lost:
             os._exit(EXIT_PARENT_DIED)
         _kernel.set_process_name("ac-container")
         return fds[0]
