@@ -975,3 +975,33 @@ async def test_leaving_a_group_after_the_fork_server_died(namespaces: list[str] 
         assert not service.running
     # The dead server's control socket goes at the next start, or here.
     ac.shutdown_fork_server()
+
+
+async def test_a_start_racing_the_groups_exit_leaves_nothing_running(tmp_path: Path) -> None:
+    """group.start() in a task that outlives the group's block once left a container nobody owned.
+
+    The exit now cancels the start, which stops what it had started, and the
+    start raises a clear RuntimeError.
+    """
+    script = "sleep 0.5; echo $$ > /var/run/late.pid; exec sleep 60"
+    spec = ac.ServiceSpec(["sh", "-c", script], pid_file="/var/run/late.pid")
+    results: list[BaseException | ac.Service] = []
+
+    async def start(group: ac.ServiceGroup) -> None:
+        try:
+            results.append(await group.start(spec))
+        except RuntimeError as exc:
+            results.append(exc)
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as outer:
+            async with ac.ServiceGroup() as group:
+                outer.start_soon(start, group)
+                with anyio.fail_after(5):
+                    while not fork_server_containers():
+                        await anyio.sleep(0.005)
+            # The group's block is left while the start waits for its PID file.
+    [outcome] = results
+    assert isinstance(outcome, RuntimeError)
+    assert "was left while service 'sh' started; it was stopped" in str(outcome)
+    assert fork_server_containers() == set()

@@ -409,6 +409,7 @@ class ServiceGroup:
 
     def __init__(self) -> None:
         self._services: list[Service] = []
+        self._starts: dict[anyio.CancelScope, anyio.Event] = {}
         self._log_done: list[anyio.Event] = []
         self._helper_scopes: list[anyio.CancelScope] = []
         self._entered = False
@@ -453,6 +454,13 @@ class ServiceGroup:
     ) -> bool | None:
         self._closed = True
         with anyio.CancelScope(shield=True):
+            # Starts in progress stop what they started (their own clean-up
+            # path) once cancelled; wait for that first.
+            for start in list(self._starts):
+                start.cancel()
+            with anyio.move_on_after(_REAP_TIMEOUT):
+                for settled in list(self._starts.values()):
+                    await settled.wait()
             # Service.stop cannot fail: it only signals and waits.
             async with anyio.create_task_group() as stoppers:
                 for service in self._services:
@@ -499,7 +507,24 @@ class ServiceGroup:
         if not self._entered or self._closed:
             raise RuntimeError("start services inside 'async with ServiceGroup() as group:'")
         service = Service(spec, self)
-        await service._launch()
+        # The group's exit cancels starts in progress (and waits for them),
+        # so that no container outlives it unowned.
+        scope = anyio.CancelScope()
+        settled = anyio.Event()
+        self._starts[scope] = settled
+        try:
+            with scope:
+                await service._launch()
+        finally:
+            del self._starts[scope]
+            settled.set()
+        if self._closed:
+            if not scope.cancelled_caught:
+                await service.stop()  # started just as the group was left
+            raise RuntimeError(
+                f"the service group was left while service {spec.name!r} started; "
+                "it was stopped: start services inside the group's block"
+            )
         self._services.append(service)
         self._run(service._supervise, f"supervisor of {spec.name}", None)
         return service
