@@ -97,6 +97,9 @@ class SpawnRequest:
     limits: CgroupLimits | None = None
     # "veth": a veth pair to the host, made before its go.
     network: str | None = None
+    # An excursion: the host PID of the container it enters, whose cgroups
+    # (if the server made some) it joins before its go, as docker exec does.
+    cgroup_of: int | None = None
 
 
 # How deep a value from inside may nest; deeper is refused, not recursed into.

@@ -37,9 +37,6 @@ __all__ = ["container_excursion", "container_excursion_value"]
 
 T = TypeVar("T")
 
-# An excursion is a plain fork of the server: no new namespace, no id maps.
-_EXCURSION_REQUEST = SpawnRequest(clone_flags=0, id_map=None)
-
 
 def _target_pidfd(pid_or_container: int | Container) -> tuple[int, bool]:
     """Return a pidfd for the process to enter, and whether it was opened here (to close)."""
@@ -93,7 +90,13 @@ async def _start(
         stdio.add("stdin", 0, stdin)
         stdio.add("stdout", 1, stdout)
         stdio.add("stderr", 2, stderr)
-        return await start_process(_EXCURSION_REQUEST, ExcursionSetup(config), [*stdio.fds, pidfd])
+        # A plain fork of the server (no new namespace, no id maps), in the
+        # container's cgroups if the server made it some.
+        target_pid = (
+            pid_or_container.pid if isinstance(pid_or_container, Container) else pid_or_container
+        )
+        request = SpawnRequest(clone_flags=0, id_map=None, cgroup_of=target_pid)
+        return await start_process(request, ExcursionSetup(config), [*stdio.fds, pidfd])
     finally:
         stdio.close()
         if opened:

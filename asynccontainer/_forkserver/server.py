@@ -257,6 +257,10 @@ class _Server:
                 cgroup = ContainerCgroup(request.limits, os.getpid(), f"c{pid}", self.hierarchies)
                 self.cgroups[pid] = cgroup
                 cgroup.add(pid)
+            entered = self.cgroups.get(request.cgroup_of) if request.cgroup_of else None
+            if entered is not None:
+                # The container's limits= apply to what is run inside it.
+                entered.add(pid)
             network = None
             if request.network == "veth":
                 taken = {veth.subnet for veth in self.veths.values()}

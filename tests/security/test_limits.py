@@ -183,3 +183,35 @@ async def test_bad_limits_fail_before_anything_is_spawned() -> None:
         await ac.run_container(["true"], namespaces=["user", "mnt"], limits={"pids": 8})
     with pytest.raises(ValueError, match="'pid' namespace"):
         ac.ServiceSpec(["true"], namespaces=["mnt"], limits={"pids": 8})
+
+
+def fork_until_refused() -> int:
+    """Fork 30 sleeping children; return how many forks the pids limit refused."""
+    children = []
+    refused = 0
+    for _ in range(30):
+        try:
+            pid = os.fork()
+        except BlockingIOError:
+            refused += 1
+            continue
+        if pid == 0:
+            time.sleep(5)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return refused
+
+
+async def test_an_excursion_is_held_by_the_containers_limits() -> None:
+    """An excursion joins the container's cgroups, as docker exec does: its limits apply."""
+    limited = await ac.run_container(
+        ["sleep", "60"], mounts=ac.HOST_SYSTEM_MAPPINGS, limits={"pids": 10}
+    )
+    async with limited:
+        assert await ac.container_excursion_value(limited, fork_until_refused) >= 15
+        # The control: the same excursion into a container without limits forks freely.
+        async with await ac.run_container(["sleep", "60"], mounts=ac.HOST_SYSTEM_MAPPINGS) as free:
+            assert await ac.container_excursion_value(free, fork_until_refused) == 0
