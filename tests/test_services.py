@@ -994,12 +994,11 @@ async def test_a_start_racing_the_groups_exit_leaves_nothing_running(tmp_path: P
             results.append(exc)
 
     with anyio.fail_after(15):
-        async with anyio.create_task_group() as outer:
-            async with ac.ServiceGroup() as group:
-                outer.start_soon(start, group)
-                with anyio.fail_after(5):
-                    while not fork_server_containers():
-                        await anyio.sleep(0.005)
+        async with anyio.create_task_group() as outer, ac.ServiceGroup() as group:
+            outer.start_soon(start, group)
+            with anyio.fail_after(5):
+                while not fork_server_containers():
+                    await anyio.sleep(0.005)
             # The group's block is left while the start waits for its PID file.
     [outcome] = results
     assert isinstance(outcome, RuntimeError)
