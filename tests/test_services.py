@@ -1004,3 +1004,44 @@ async def test_a_start_racing_the_groups_exit_leaves_nothing_running(tmp_path: P
     assert isinstance(outcome, RuntimeError)
     assert "was left while service 'sh' started; it was stopped" in str(outcome)
     assert fork_server_containers() == set()
+
+
+def inotify_instances() -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify"
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.timeout(120)
+async def test_two_hundred_services_with_pid_files_share_one_inotify_instance() -> None:
+    """One inotify instance per wait once made 72 of 200 starts fail (128 instances per user)."""
+    script = "sleep 0.5; echo $$ > /var/run/s.pid; exec sleep 60"
+    spec = ac.ServiceSpec(["sh", "-c", script], pid_file="/var/run/s.pid", pid_file_timeout=60)
+    most = 0
+    started: list[ac.Service] = []
+
+    async def count() -> None:
+        nonlocal most
+        while True:
+            most = max(most, inotify_instances())
+            await anyio.sleep(0.005)
+
+    async def start(group: ac.ServiceGroup) -> None:
+        started.append(await group.start(spec))
+
+    async with ac.ServiceGroup() as group:
+        async with anyio.create_task_group() as watcher:
+            watcher.start_soon(count)
+            async with anyio.create_task_group() as starters:
+                for _ in range(200):
+                    starters.start_soon(start, group)
+            watcher.cancel_scope.cancel()
+        assert len(started) == 200
+        assert all(service.running for service in started)
+    # At most one: another process may hold the per-user instances, and the
+    # waits then poll instead (which started all 200 all the same).
+    assert most <= 1, most

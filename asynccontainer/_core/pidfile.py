@@ -1,9 +1,10 @@
 """read_pid_file: wait for a daemon's PID file, on the host or inside a container.
 
 Shepherd polls a PID file once a second. Here the file's directory is
-watched with inotify, so a write is seen within milliseconds; a bounded,
-growing poll interval is the safety net (and the only means while the
-directory does not exist yet).
+watched with inotify (one instance per event loop, `_core.inotify`), so a
+write is seen within milliseconds; a bounded, growing poll interval is the
+safety net (and the only means while the directory does not exist yet, or
+when no inotify instance can be had).
 
 Inside a container, the path is resolved from the container's root
 (/proc/PID/root, with openat2's RESOLVE_IN_ROOT so that ".." and absolute
@@ -19,13 +20,13 @@ import math
 import os
 import select
 import stat
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 
 from .. import _kernel
+from .inotify import Watch
 
 if TYPE_CHECKING:
     from .container import Container
@@ -38,82 +39,9 @@ __all__ = ["PidTranslator", "read_pid_file", "wait_for_pid_file"]
 _POLL_FIRST = 0.001
 _POLL_LAST = 0.05
 
-_WATCH_MASK = (
-    _kernel.IN_CREATE
-    | _kernel.IN_MODIFY
-    | _kernel.IN_CLOSE_WRITE
-    | _kernel.IN_MOVED_TO
-    | _kernel.IN_DELETE
-    | _kernel.IN_MOVED_FROM
-    | _kernel.IN_DELETE_SELF
-    | _kernel.IN_MOVE_SELF
-    | _kernel.IN_ONLYDIR
-)
-_EVENT = struct.Struct("iIII")
-
 
 class _NotYet(Exception):
     """The file does not hold a usable PID yet; the message says why."""
-
-
-class _Watch:
-    """An inotify watch on the PID file's directory, re-made when the directory changes."""
-
-    def __init__(self, directory_opener: _Opener, directory: str, name: str) -> None:
-        self._open_directory = directory_opener
-        self._directory = directory
-        self._name = name.encode()
-        self._fd = _kernel.inotify_init1()
-        self._watching = False
-        # True once the writer closed the file after its last change: its
-        # content is then complete even without a final newline.
-        self.closed_after_write = False
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def ensure(self) -> bool:
-        """Watch the directory if it exists now; return whether it is watched."""
-        if self._watching:
-            return True
-        try:
-            dir_fd = self._open_directory(self._directory, os.O_PATH | os.O_DIRECTORY)
-        except OSError:
-            return False
-        try:
-            # The magic link lets the watch follow a directory opened with
-            # openat2 inside a container, which no host path names.
-            _kernel.inotify_add_watch(self._fd, f"/proc/self/fd/{dir_fd}", _WATCH_MASK)
-        except OSError:
-            return False
-        finally:
-            os.close(dir_fd)
-        self._watching = True
-        return True
-
-    async def wait(self, timeout: float) -> None:
-        """Wait for an event about the file (or the directory), at most `timeout` seconds."""
-        with anyio.move_on_after(timeout):
-            await anyio.wait_readable(self._fd)
-        try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
-            return
-        offset = 0
-        while offset < len(data):
-            _, mask, _, length = _EVENT.unpack_from(data, offset)
-            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
-            offset += _EVENT.size + length
-            if mask & (_kernel.IN_IGNORED | _kernel.IN_DELETE_SELF | _kernel.IN_MOVE_SELF):
-                # The directory itself went away: watch again when it is back.
-                self._watching = False
-            if name == self._name:
-                if mask & (_kernel.IN_CLOSE_WRITE | _kernel.IN_MOVED_TO):
-                    self.closed_after_write = True
-                elif mask & (_kernel.IN_MODIFY | _kernel.IN_CREATE):
-                    self.closed_after_write = False
-            if mask & _kernel.IN_Q_OVERFLOW:
-                self.closed_after_write = False
 
 
 class _Opener:
@@ -261,7 +189,7 @@ class PidTranslator:
         raise _NotYet(f"it names PID {pid_in_container} of the container, which is not alive")
 
 
-def _read(opener: _Opener, file: str, watch: _Watch) -> tuple[bytes, bool]:
+def _read(opener: _Opener, file: str, watch: Watch) -> tuple[bytes, bool]:
     """Return the PID file's first bytes, and whether its writer is done with it.
 
     Raises:
@@ -397,7 +325,7 @@ async def wait_for_pid_file(
     opener = _Opener(root_fd)
     directory, name = os.path.split(file)
     try:
-        watch = _Watch(opener, directory or "/", name)
+        watch = Watch(opener, directory or "/", name)
     except BaseException:
         if root_fd is not None:
             os.close(root_fd)

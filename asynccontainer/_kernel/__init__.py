@@ -45,6 +45,7 @@ __all__ = [
     "clone",
     "inotify_add_watch",
     "inotify_init1",
+    "inotify_rm_watch",
     "mount",
     "openat2",
     "pidfd_open",
@@ -170,6 +171,7 @@ _libc.prctl.argtypes = [
 ]
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
 _libc_gil.syscall.restype = ctypes.c_long
 
@@ -334,6 +336,15 @@ def inotify_add_watch(fd: int, path: str, mask: int) -> int:
             /proc/sys/fs/inotify/max_user_watches.
     """
     return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch", path)
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    """Remove the watch `wd`; see inotify_rm_watch(2).
+
+    Raises:
+        OSError: EINVAL when the watch is gone already.
+    """
+    _check(_libc.inotify_rm_watch(fd, wd), "inotify_rm_watch")
 
 
 def set_process_name(name: str) -> None:
