@@ -152,8 +152,12 @@ def make_mounts_private(state: State, step: steps.MakeMountsPrivate) -> None:
 
 
 def open_path(state: State, step: steps.OpenPath) -> None:
-    """Open a host path O_PATH into a slot."""
-    state.slots[step.slot] = os.open(step.source, os.O_PATH | os.O_CLOEXEC)
+    """Open a host path O_PATH into a slot, checking the type of its file system if asked."""
+    fd = os.open(step.source, os.O_PATH | os.O_CLOEXEC)
+    if step.magic is not None and _kernel.fstatfs_type(fd) != step.magic:
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"not the expected file system (0x{step.magic:x})", step.source)
+    state.slots[step.slot] = fd
 
 
 def clone_tree(state: State, step: steps.CloneTree) -> None:

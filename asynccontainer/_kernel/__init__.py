@@ -41,8 +41,10 @@ __all__ = [
     "MS_REC",
     "MS_REMOUNT",
     "MS_STRICTATIME",
+    "PROC_SUPER_MAGIC",
     "SCM_MAX_FD",
     "clone",
+    "fstatfs_type",
     "inotify_add_watch",
     "inotify_init1",
     "inotify_rm_watch",
@@ -172,6 +174,7 @@ _libc.prctl.argtypes = [
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
 _libc_gil.syscall.restype = ctypes.c_long
 
@@ -336,6 +339,23 @@ def inotify_add_watch(fd: int, path: str, mask: int) -> int:
             /proc/sys/fs/inotify/max_user_watches.
     """
     return _check(_libc.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch", path)
+
+
+# <linux/magic.h>
+PROC_SUPER_MAGIC = 0x9FA0
+
+
+def fstatfs_type(fd: int) -> int:
+    """Return the file system type (f_type, a *_SUPER_MAGIC) of what `fd` is on; see statfs(2).
+
+    Raises:
+        OSError: as fstatfs(2) sets errno.
+    """
+    # struct statfs begins with its f_type (__fsword_t, a long); 120 bytes
+    # hold the whole structure on 64-bit machines.
+    buffer = (ctypes.c_long * 16)()
+    _check(_libc.fstatfs(fd, buffer), "fstatfs")
+    return int(buffer[0]) & 0xFFFFFFFF
 
 
 def inotify_rm_watch(fd: int, wd: int) -> None:

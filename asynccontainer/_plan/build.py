@@ -372,7 +372,8 @@ def _file_system_steps(
     names = spec.namespaces
     opening: list[steps.Step] = [steps.MakeMountsPrivate()]
     if proc_slot is not None:
-        opening.append(steps.OpenPath(proc_slot, "/proc"))
+        # The id maps of the locking namespace are written through it.
+        opening.append(steps.OpenPath(proc_slot, "/proc", magic=_kernel.PROC_SUPER_MAGIC))
     root_slot = None
     if spec.root is not None:
         root_slot = slots.new()

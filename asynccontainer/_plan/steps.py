@@ -153,10 +153,16 @@ class MakeMountsPrivate(Step):
 
 @attrs.frozen
 class OpenPath(Step):
-    """Open a host path O_PATH into `slot` (as the caller would resolve it)."""
+    """Open a host path O_PATH into `slot` (as the caller would resolve it).
+
+    With `magic`, the file system it is on must be of that type (statfs(2)'s
+    f_type): a /proc written through must be a procfs, not a directory
+    dressed as one (runc's CVE-2019-16884).
+    """
 
     slot: int
     source: str
+    magic: int | None = None
 
     @property
     def path(self) -> str:

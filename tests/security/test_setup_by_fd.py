@@ -12,11 +12,15 @@ no mapping.
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from capture import outside_tmp_directory, sh
 
@@ -175,3 +179,72 @@ async def test_an_error_names_the_mount_point_as_the_user_wrote_it(tmp_path: Pat
         await ac.run_container(["true"], mounts=[*SYSTEM, ac.FileSystemMapping(str(file), "/usr")])
     assert info.value.errno in (errno.ENOTDIR, errno.EISDIR), info.value
     assert info.value.filename == "/usr"
+
+
+# renameat2(2) flags, <linux/fs.h>
+RENAME_EXCHANGE = 2
+
+
+def swap_forever(directory: Path, link: Path, stop: threading.Event) -> int:
+    """Exchange a directory and a symbolic link, atomically, as fast as possible."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    libc.renameat2.argtypes += [ctypes.c_uint]
+    swaps = 0
+    while not stop.is_set():
+        if libc.renameat2(-100, bytes(directory), -100, bytes(link), RENAME_EXCHANGE) == 0:
+            swaps += 1
+    return swaps
+
+
+@pytest.mark.timeout(300)
+async def test_a_symlink_exchange_racer_never_lands_a_mount_outside(
+    tmp_path: Path, outside: Path, exposed: Path
+) -> None:
+    """1000 starts while a host process swaps a directory of a writable mapping with a link.
+
+    runc's CVE-2021-30465: its set-up checked a mount target, then mounted
+    on the path, and a link swapped in between sent the mount anywhere.
+    Here a target is opened beneath the root and mounted by fd: whatever
+    the racer does, nothing is created or mounted in the outside directory
+    (a start may fail, with ELOOP, when the link is in place).
+    """
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "swap").symlink_to(outside)  # exchanged with data/sub, back and forth
+    mounts = [
+        *SYSTEM,
+        ac.FileSystemMapping(str(data), "/data", writable=True),
+        ac.FileSystemMapping(str(exposed), "/data/sub/file"),
+    ]
+    before = mount_points()
+    stop = threading.Event()
+    outcomes: collections.Counter[str] = collections.Counter()
+    async with anyio.create_task_group() as group:
+        group.start_soon(anyio.to_thread.run_sync, swap_forever, data / "sub", data / "swap", stop)
+        try:
+            limiter = anyio.CapacityLimiter(8)
+
+            async def start() -> None:
+                async with limiter:
+                    try:
+                        status = await ac.call_with_container(["true"], mounts=mounts)
+                        outcomes["started" if status == 0 else f"status {status}"] += 1
+                    except OSError as exc:
+                        outcomes[errno.errorcode.get(exc.errno or 0, "?")] += 1
+
+            async with anyio.create_task_group() as starters:
+                for _ in range(1000):
+                    starters.start_soon(start)
+        finally:
+            stop.set()
+    assert list(outside.iterdir()) == [], outcomes
+    assert mount_points() == before
+    assert sum(outcomes.values()) == 1000
+    assert set(outcomes) <= {"started", "ELOOP", "ENOENT", "ENOTDIR"}, outcomes
+    assert outcomes["started"] > 0, outcomes
+
+
+def mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as file:
+        return sorted(line.split()[4] for line in file)
