@@ -28,7 +28,7 @@ def state() -> Iterator[State]:
 
 
 def test_a_proc_written_through_must_be_a_procfs(state: State, tmp_path: Path) -> None:
-    """A directory dressed as /proc (runc's CVE-2019-16884) is refused before anything is written."""
+    """A directory dressed as /proc (runc's CVE-2019-16884) is refused before any write."""
     fake = tmp_path / "proc"
     (fake / "self").mkdir(parents=True)
     with pytest.raises(OSError) as info:
