@@ -169,13 +169,17 @@ def run_callable_step(state: State, step: steps.RunCallable) -> None:
     hook()
 
 
-def _root_fds(send_root: bool) -> list[int]:
+def _root_fds(state: State, send_root: bool) -> list[int]:
+    """Close what the steps left open (host fds among them); return the root's fd if asked."""
+    for fd in state.slots.values():
+        os.close(fd)
+    state.slots.clear()
     return [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)] if send_root else []
 
 
 def exec_step(state: State, step: steps.Exec) -> NoReturn:
     """Report "execing", then exec. An exec that fails raises, to be reported as this step's."""
-    report(state.handshake, Execing(), _root_fds(step.send_root))
+    report(state.handshake, Execing(), _root_fds(state, step.send_root))
     # The handshake socket is close-on-exec: its end-of-file tells the
     # caller that this exec succeeded.
     try:
@@ -190,7 +194,7 @@ def call_step(state: State, step: steps.Call) -> NoReturn:
     """Report "ready", then call the target (Guix's call-with-clean-exit)."""
     os.environ.clear()
     os.environ.update(dict(step.env))
-    root = _root_fds(step.send_root)
+    root = _root_fds(state, step.send_root)
     report(state.handshake, Ready(), root)
     state.handshake.close()
     for fd in root:

@@ -70,3 +70,38 @@ async def test_pass_fds_at_their_numbers() -> None:
 async def test_bad_pass_fds(pass_fds: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="pass_fds"):
         await ac.run_container(["true"], mounts=SYSTEM, pass_fds=pass_fds)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("number", [3, 4, 5, 7, 10])
+async def test_a_leaked_fd_used_as_cwd_reaches_nothing(number: int) -> None:
+    """runc's CVE-2024-21626: cwd=/proc/self/fd/N once reached the host through a leaked fd.
+
+    The caller has directories of the host open at those numbers (its own,
+    inheritable); the container has none of them (at most its handshake
+    socket, during the set-up), so the working directory cannot be set
+    there, and the start fails naming the path.
+    """
+    opened = []
+    try:
+        while len(opened) < 12:
+            fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+            os.set_inheritable(fd, True)
+            opened.append(fd)
+        path = f"/proc/self/fd/{number}"
+        with pytest.raises((FileNotFoundError, NotADirectoryError)) as info:
+            await ac.run_container(["true"], mounts=SYSTEM, cwd=path)
+        assert info.value.filename == path
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+async def test_a_callable_holds_no_fd_of_the_set_up() -> None:
+    """A callable runs in the process that set the container up: nothing of that is left open."""
+
+    def fds() -> None:
+        names = os.listdir("/proc/self/fd")  # its own fd is among them while it lists
+        print(len(names))
+
+    returncode, out = await output_of(fds, mounts=SYSTEM)
+    assert (returncode, out) == (0, "4\n")
