@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +69,31 @@ def outside_tmp_directory() -> Iterator[Path]:
         yield Path(directory)
     finally:
         shutil.rmtree(directory)
+
+
+class Marker:
+    """Creates a file when unpickled: proof that a pickle from inside ran as code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def forge_reply(marker: str) -> None:
+    """Run inside: write a frame that runs `touch marker` when the caller unpickles it."""
+    payload = pickle.dumps(Marker(marker))
+    frame = struct.pack(">IB", len(payload), 0) + payload
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=int(name))
+        except OSError:
+            continue
+        try:
+            sock.send(frame)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    os._exit(0)

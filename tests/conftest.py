@@ -7,10 +7,11 @@ import inspect
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
-from procfs import children_of, containers_of
+from procfs import children_of, containers_of, is_zombie
 
 from asynccontainer._core import client as _client
 from asynccontainer._spec import limits as _cgroups
@@ -107,6 +108,20 @@ def fork_server_details() -> tuple[int | None, int | None]:
     return server.pid, server.control.fileno()
 
 
+def settled_containers_of(server_pid: int) -> set[int]:
+    """The server's containers, once the zombies among them are reaped (5 s at most).
+
+    The server is a subreaper: a daemon killed just now, adopted when its
+    container ended, is a zombie until the server's SIGCHLD has it reaped.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        containers = containers_of(server_pid)
+        if time.monotonic() > deadline or not any(is_zombie(pid) for pid in containers):
+            return containers
+        time.sleep(0.01)
+
+
 @pytest.fixture(autouse=True)
 def nothing_leaks() -> Iterator[None]:
     """Fail the test if it leaves a process, a zombie, an fd, a mount or a temp file behind."""
@@ -121,7 +136,7 @@ def nothing_leaks() -> Iterator[None]:
     server_pid, control_fd = fork_server_details()
     problems = []
 
-    containers = containers_of(server_pid) if server_pid else set()
+    containers = settled_containers_of(server_pid) if server_pid else set()
     if server_pid == server_before:
         # Report what this test left, not what an earlier one did.
         containers -= containers_before

@@ -38,6 +38,15 @@ def process_name(pid: int) -> str | None:
         return None
 
 
+def is_zombie(pid: int) -> bool:
+    """True if `pid` has exited and waits to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def containers_of(server_pid: int) -> set[int]:
     """Return the fork server's children but its idle zygotes."""
     return {pid for pid in children_of(server_pid) if process_name(pid) not in NOT_CONTAINERS}

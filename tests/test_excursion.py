@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -195,8 +196,8 @@ async def test_cancelled_excursion_leaves_nothing(box: ac.Container) -> None:
     assert scope.cancelled_caught
 
     # The excursions' processes were killed: only the container's own
-    # process (and at most the killed excursions' zombies, which its PID 1,
-    # a plain sleep, does not reap) remain in its pid namespace.
+    # process (and at most a killed excursion's child the fork server has
+    # not reaped yet, a zombie) remain in its pid namespace.
     def live_processes() -> list[int]:
         return sorted(
             int(p)
@@ -243,3 +244,40 @@ async def test_excursion_killed_with_its_container_reports_sigkill() -> None:
         await anyio.sleep(0.5)
         container.kill()
     assert results == [-9]
+
+
+# The caller as a subreaper that never reaps stands for a caller that is
+# PID 1 of its own container (a Python app in Docker): an orphan goes to
+# it unless the fork server adopts it.
+ORPHANING_CALLER = """
+import anyio
+import asynccontainer as ac
+from asynccontainer import _kernel
+
+_kernel.prctl(_kernel.PR_SET_CHILD_SUBREAPER, 1)
+
+async def main():
+    async with await ac.run_container(["sleep", "60"], mounts=ac.HOST_SYSTEM_MAPPINGS) as box:
+        with anyio.move_on_after(0.3):
+            await ac.container_excursion_value(box, lambda: __import__("time").sleep(60))
+        box.kill()
+        with anyio.fail_after(10):
+            print(await box.wait())
+
+anyio.run(main, backend=BACKEND)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_excursion_leaves_no_orphan_to_the_callers_init(anyio_backend: str) -> None:
+    """A killed excursion's child is reaped by the fork server, so the container still ends.
+
+    A container's PID 1 dying waits until every process of its namespace is
+    reaped (zap_pid_ns_processes); the excursion's orphaned child, given to
+    a caller that never reaps, kept wait() and stop() waiting forever.
+    """
+    script = f"BACKEND = {anyio_backend!r}\n{ORPHANING_CALLER}"
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=45
+    )
+    assert (result.returncode, result.stdout) == (0, "-9\n"), result.stderr

@@ -280,6 +280,31 @@ async def test_shutdown_kills_running_containers() -> None:
     assert not exists(old.pid)
 
 
+async def test_the_server_adopts_what_a_container_without_pid_namespace_leaves(
+    tmp_path: Path,
+) -> None:
+    """A daemon whose container ended is the server's (a subreaper): reaped, killed at shutdown."""
+    daemons = "sleep 0.1 & echo $! > /out/short; sleep 60 & echo $! > /out/long"
+    returncode = await ac.call_with_container(
+        ["sh", "-c", daemons],
+        mounts=[*SYSTEM, ac.FileSystemMapping(str(tmp_path), "/out", writable=True)],
+        namespaces=["mnt", "ipc", "uts", "net", "user"],
+    )
+    assert returncode == 0
+    server = current_server_pid()
+    short, long = (int((tmp_path / name).read_text()) for name in ("short", "long"))
+    started = start_time(long)
+    assert parent_of(long) == server
+    # The one that exited by itself is reaped by the server: not a zombie.
+    with anyio.fail_after(DEATH_TIMEOUT):
+        while exists(short):
+            await anyio.sleep(0.02)
+    ac.shutdown_fork_server()
+    # Killed and reaped before the server exited.
+    fields = stat_fields(long)
+    assert fields is None or fields[19] != started, f"{long} survived the server"
+
+
 # -- 6. the server killed from outside -----------------------------------------
 
 

@@ -308,14 +308,13 @@ class _Server:
         """Kill and reap every container still running; nobody can wait for them any more."""
         for flags in list(self.zygotes):
             self.discard_zygote(flags)
-        for pid in self.status:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        # Released zygotes exit at once (end-of-file on their go socket):
-        # reap every child, not only the containers.
+        # Every child is killed: the containers, the zygotes (released, they
+        # would exit anyway) and the orphans adopted as subreaper. A child
+        # that forks while dying may leave one more orphan here: every child
+        # is killed again before each reap.
         while True:
+            for pid in {*self.status, *_children()}:
+                _kill(pid)
             try:
                 pid, wait_status = os.waitpid(-1, 0)
             except ChildProcessError:
@@ -345,6 +344,23 @@ class _Server:
             status.close()
 
 
+def _children() -> list[int]:
+    """Return the server's children, from /proc (proc(5), /proc/pid/task/tid/children)."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as file:
+            return [int(field) for field in file.read().split()]
+    except OSError:
+        return []  # no /proc: the known containers are still killed
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def serve(control_fd: int, parent_pid: int, die_with_parent: bool) -> NoReturn:
     """Serve spawn requests on the inherited `control_fd` until it reaches end-of-file."""
     if die_with_parent:
@@ -353,6 +369,16 @@ def serve(control_fd: int, parent_pid: int, die_with_parent: bool) -> NoReturn:
         if os.getppid() != parent_pid:
             os._exit(0)
     _kernel.set_process_name("ac-forkserver")
+    # An orphan is reparented to its nearest subreaper ancestor, else to the
+    # init of its parent's pid namespace (prctl(2), PR_SET_CHILD_SUBREAPER).
+    # Without this, the child of an excursion killed mid-run, or a daemon of
+    # a container without a pid namespace, goes to the caller's init: when
+    # the caller is PID 1 of its own container (a Python app in Docker), a
+    # zombie nobody reaps, and a container's PID 1 dying waits for every
+    # process of its namespace to be reaped (zap_pid_ns_processes), so stop()
+    # hangs. Adopted here, they are reaped with the rest, and killed at
+    # shutdown.
+    _kernel.prctl(_kernel.PR_SET_CHILD_SUBREAPER, 1)
     # Ctrl-C in a terminal signals the whole foreground process group; the
     # caller decides what happens to its containers, not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -52,26 +52,37 @@ def unpickle(pickled: bytes | None, sys_path: tuple[str, ...]) -> object:
 
 
 def run_callable(target: object) -> NoReturn:
-    """Run the callable as Guix's call-with-clean-exit: 0 if it returns, 1 if it raises."""
-    status = 0
+    """Run the callable as Guix's call-with-clean-exit: 0 if it returns, 1 if it raises.
+
+    Every path ends in os._exit, whatever raises on the way: the callable,
+    its SystemExit's code, or stderr itself (a full device, a closed pipe);
+    nothing may unwind into the fork server's frames.
+    """
+    status = 1
     try:
-        assert callable(target)
-        target()
-    except SystemExit as exc:
-        # As the interpreter itself would treat it at exit.
-        if exc.code is None:
+        try:
+            assert callable(target)
+            target()
             status = 0
-        elif isinstance(exc.code, int):
-            status = exc.code & 0xFF
-        else:
-            print(exc.code, file=sys.stderr)
-            status = 1
+        except SystemExit as exc:
+            status = _exit_status(exc)
+        except BaseException:
+            traceback.print_exc()
     except BaseException:
-        traceback.print_exc()
-        status = 1
+        pass  # the report itself failed; the status stands
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:
+        except BaseException:
             pass
     os._exit(status)
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """Return the status the interpreter itself would exit with for `exc`."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1

@@ -409,3 +409,20 @@ async def test_a_container_cannot_reach_into_an_excursion() -> None:
     assert lines == [f"READ control {what}" for what in whats] + [
         f"denied excursion {what}" for what in whats
     ]
+
+
+@pytest.mark.parametrize("raised", [ValueError, SystemExit])
+async def test_a_callable_whose_stderr_is_full_exits_cleanly(raised: type) -> None:
+    """Its traceback cannot be written (ENOSPC): once it unwound into the fork server's frames.
+
+    The process then ran the server's own error path and exited 120.
+    """
+
+    def fail() -> None:
+        raise raised("a message that goes nowhere")
+
+    with open("/dev/full", "wb") as full:
+        status = await ac.call_with_container(fail, stderr=full)
+    assert status == 1
+    # The server is fine.
+    assert await ac.call_with_container(lambda: None) == 0

@@ -14,48 +14,16 @@ full unpickling. (API.md, "Untrusted data and hostile containers".)
 from __future__ import annotations
 
 import os
-import pickle
-import struct
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from capture import output_of
+from capture import forge_reply, output_of
 
 import asynccontainer as ac
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
-
-
-class Marker:
-    """Creates a file when unpickled: proof that a pickle from inside ran as code."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
-        return (os.system, (f"touch {self.path}",))
-
-
-def forge_reply(marker: str) -> None:
-    """Run inside: write a frame that runs `touch marker` when the caller unpickles it."""
-    payload = pickle.dumps(Marker(marker))
-    frame = struct.pack(">IB", len(payload), 0) + payload
-    import socket
-
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            sock = socket.socket(fileno=int(name))
-        except OSError:
-            continue
-        try:
-            sock.send(frame)
-        except OSError:
-            pass
-        finally:
-            sock.detach()
-    os._exit(0)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from capture import sh
+from capture import forge_reply, sh
 
 import asynccontainer as ac
 
@@ -205,3 +205,12 @@ async def test_setuid_bits_are_refused_only_for_a_root_caller() -> None:
         assert returncode != 0 and "Operation not permitted" in out, out
     else:
         assert (returncode, out) == (0, "-rwsr-xr-x\n"), out
+
+
+async def test_a_forged_excursion_reply_runs_nothing_in_the_caller(tmp_path: Path) -> None:
+    """As root and as nobody: a reply forged inside is not unpickled as code by the caller."""
+    marker = tmp_path / "pwned"
+    async with await ac.run_container(["sleep", "60"], mounts=SYSTEM) as box:
+        with pytest.raises(ac.UntrustedValueError):
+            await ac.container_excursion_value(box, lambda: forge_reply(str(marker)))
+    assert not marker.exists()
