@@ -49,6 +49,7 @@ from ._spec.network import VethNetwork
 __all__ = [
     "MAX_FDS",
     "ContainerSetup",
+    "Emptied",
     "ExceptionInfo",
     "Execing",
     "Exited",
@@ -318,6 +319,15 @@ class Exited:
     returncode: int
     # Read from its cgroups, for a container with limits=.
     usage: ResourceUsage | None = None
+    # Processes it forked still run in its cgroup (it had no pid namespace):
+    # the status socket stays open until `Emptied`, and a byte the caller
+    # writes on it kills them (see _forkserver.lifetime).
+    lingering: bool = False
+
+
+@attrs.frozen
+class Emptied:
+    """Server to caller: the last process of a lingering container's cgroup has exited."""
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from procfs import children_of, containers_of, is_zombie
+from procfs import NOT_CONTAINERS, children_of, containers_of, is_zombie, process_name
 
 from asynccontainer._core import client as _client
 from asynccontainer._spec import limits as _cgroups
@@ -93,12 +93,27 @@ def temp_entries() -> set[str]:
 
 
 def container_cgroups() -> set[str]:
-    """Return the containers' cgroup directories (limits=) in every hierarchy."""
+    """Return the containers' cgroup directories in every hierarchy, but idle zygotes'.
+
+    Every container has one (its tracking cgroup), and so has each zygote
+    the server clones ahead of need: one holding only a zygote is no leak.
+    """
     found = set()
     for hierarchy in _cgroups.hierarchies():
         for base in glob.glob(os.path.join(hierarchy.own, "asynccontainer-*")):
-            found.update(p for p in glob.glob(os.path.join(base, "*")) if os.path.isdir(p))
+            for path in glob.glob(os.path.join(base, "*")):
+                if os.path.isdir(path) and not holds_only_zygotes(path):
+                    found.add(path)
     return found
+
+
+def holds_only_zygotes(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as file:
+            members = [int(pid) for pid in file.read().split()]
+    except OSError:
+        return False
+    return bool(members) and all(process_name(pid) in NOT_CONTAINERS for pid in members)
 
 
 def fork_server_details() -> tuple[int | None, int | None]:

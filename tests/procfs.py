@@ -38,13 +38,23 @@ def process_name(pid: int) -> str | None:
         return None
 
 
-def is_zombie(pid: int) -> bool:
-    """True if `pid` has exited and waits to be reaped."""
+def _state(pid: int) -> str | None:
+    """Return the state letter of `pid` (R, S, Z ...), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return file.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
-        return False
+        return None
+
+
+def is_zombie(pid: int) -> bool:
+    """True if `pid` has exited and waits to be reaped."""
+    return _state(pid) == "Z"
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie has exited: it does not)."""
+    return _state(pid) not in (None, "Z")
 
 
 def containers_of(server_pid: int) -> set[int]:
@@ -58,3 +68,18 @@ def fork_server_containers() -> set[int]:
     if server is None or not server.alive():
         return set()
     return containers_of(server.pid)
+
+
+def start_a_sweeping_server() -> None:
+    """Replace this process's fork server by a new one, which sweeps dead servers' cgroups.
+
+    A server killed with its caller cannot end what still runs in its
+    cgroups or remove them; the next server started in the same cgroup does
+    (`sweep_stale`), which is what a test of a killed caller shows after.
+    """
+    import anyio
+
+    import asynccontainer as ac
+
+    _client.shutdown_fork_server()
+    assert anyio.run(ac.call_with_container, lambda: None) == 0

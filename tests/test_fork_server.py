@@ -18,10 +18,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from procfs import children_of, containers_of, process_name
+from procfs import children_of, containers_of, process_name, start_a_sweeping_server
 
 import asynccontainer as ac
 from asynccontainer._core import client as _client
+from asynccontainer._spec import limits as _cgroups
 
 SYSTEM = ac.HOST_SYSTEM_MAPPINGS
 
@@ -197,13 +198,28 @@ async def test_server_holds_only_unnamed_sockets() -> None:
 
 _ORPHANING_SCRIPT = textwrap.dedent(
     """
+    import os, sys, time
     import anyio
     import asynccontainer as ac
     from asynccontainer._core import client as _client
 
+    OUT = sys.argv[1]
+
     async def main():
         container = await ac.run_container(["sleep", "60"], mounts=ac.HOST_SYSTEM_MAPPINGS)
-        print(_client._server.pid, container.pid, flush=True)
+        # Without a pid namespace: a daemon that outlives its container's
+        # first process, in the container's cgroup.
+        await ac.run_container(
+            ["sh", "-c", "setsid sleep 60 & echo $! > /out/daemon; exec sleep 60"],
+            mounts=[*ac.HOST_SYSTEM_MAPPINGS, ac.FileSystemMapping(OUT, "/out", writable=True)],
+            namespaces=["mnt", "user"],
+        )
+        path = os.path.join(OUT, "daemon")
+        while not os.path.exists(path) or not open(path).read().endswith("\\n"):
+            await anyio.sleep(0.01)
+        with open(path) as file:
+            daemon = int(file.read())
+        print(_client._server.pid, container.pid, daemon, flush=True)
         await anyio.sleep(60)
 
     anyio.run(main)
@@ -212,10 +228,18 @@ _ORPHANING_SCRIPT = textwrap.dedent(
 
 
 def test_server_and_its_containers_die_with_the_caller(tmp_path: Path) -> None:
+    """A caller killed takes its server and containers along; the next server ends the rest.
+
+    What a container without a pid namespace forked does not die with the
+    server: it is in the container's cgroup, which the next server started
+    in the same cgroup kills and removes (sweep_stale).
+    """
     errors = tmp_path / "stderr"
+    out = tmp_path / "out"
+    out.mkdir()
     with errors.open("wb") as stderr:
         caller = subprocess.Popen(
-            [sys.executable, "-c", _ORPHANING_SCRIPT],
+            [sys.executable, "-c", _ORPHANING_SCRIPT, str(out)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -226,10 +250,11 @@ def test_server_and_its_containers_die_with_the_caller(tmp_path: Path) -> None:
         assert ready, f"the caller printed nothing:\n{errors.read_text()}"
         line = caller.stdout.readline().decode()
         assert line, f"the caller exited early:\n{errors.read_text()}"
-        server, container = map(int, line.split())
+        server, container, daemon = map(int, line.split())
         assert parent_of(server) == caller.pid
         assert parent_of(container) == server
         started = {server: start_time(server), container: start_time(container)}
+        daemon_started = {daemon: start_time(daemon)}
     finally:
         caller.kill()
         caller.wait(timeout=10)
@@ -237,6 +262,19 @@ def test_server_and_its_containers_die_with_the_caller(tmp_path: Path) -> None:
             caller.stdout.close()
     assert caller.returncode == -signal.SIGKILL
     wait_until_dead(started)
+    # The server usually dies of PR_SET_PDEATHSIG first; but the caller's
+    # exit closes the control socket before it signals (exit_files runs
+    # before exit_notify), so the server may begin its own shutdown, and
+    # end the daemon, before the signal lands. Either way it cannot remove
+    # its cgroups: that, and the daemon if it lives, is the next server's.
+    left = [
+        os.path.join(hierarchy.own, f"asynccontainer-{server}")
+        for hierarchy in _cgroups.hierarchies()
+    ]
+    assert any(os.path.isdir(path) for path in left)
+    start_a_sweeping_server()
+    wait_until_dead(daemon_started)
+    assert not any(os.path.exists(path) for path in left)
 
 
 def wait_readable(fd: int, timeout: float) -> bool:
@@ -285,24 +323,24 @@ async def test_the_server_adopts_what_a_container_without_pid_namespace_leaves(
 ) -> None:
     """A daemon whose container ended is the server's (a subreaper): reaped, killed at shutdown."""
     daemons = "sleep 0.1 & echo $! > /out/short; sleep 60 & echo $! > /out/long"
-    returncode = await ac.call_with_container(
+    async with await ac.run_container(
         ["sh", "-c", daemons],
         mounts=[*SYSTEM, ac.FileSystemMapping(str(tmp_path), "/out", writable=True)],
         namespaces=["mnt", "ipc", "uts", "net", "user"],
-    )
-    assert returncode == 0
-    server = current_server_pid()
-    short, long = (int((tmp_path / name).read_text()) for name in ("short", "long"))
-    started = start_time(long)
-    assert parent_of(long) == server
-    # The one that exited by itself is reaped by the server: not a zombie.
-    with anyio.fail_after(DEATH_TIMEOUT):
-        while exists(short):
-            await anyio.sleep(0.02)
-    ac.shutdown_fork_server()
-    # Killed and reaped before the server exited.
-    fields = stat_fields(long)
-    assert fields is None or fields[19] != started, f"{long} survived the server"
+    ) as container:
+        assert await container.wait() == 0
+        server = current_server_pid()
+        short, long = (int((tmp_path / name).read_text()) for name in ("short", "long"))
+        started = start_time(long)
+        assert parent_of(long) == server
+        # The one that exited by itself is reaped by the server: not a zombie.
+        with anyio.fail_after(DEATH_TIMEOUT):
+            while exists(short):
+                await anyio.sleep(0.02)
+        ac.shutdown_fork_server()
+        # Killed and reaped before the server exited.
+        fields = stat_fields(long)
+        assert fields is None or fields[19] != started, f"{long} survived the server"
 
 
 # -- 6. the server killed from outside -----------------------------------------

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+from procfs import start_a_sweeping_server
 
 SCRIPT = """
 import os, sys, anyio, asynccontainer as ac
@@ -115,3 +116,4 @@ def test_sigterm_to_the_caller_takes_its_containers_down(backend: str) -> None:
     assert wait_until_gone(server_pid), "the fork server outlived its caller"
     assert wait_until_gone(container_pid), "the container outlived its caller"
     assert os.getpid() != server_pid
+    start_a_sweeping_server()

@@ -21,7 +21,10 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from .._errors import ContainerError
+from .._kernel.cgroups import TrackedCgroup
+from .._spec.limits import PREFIX, hierarchies
 from .._wire import (
+    Emptied,
     ExceptionInfo,
     Exited,
     Forked,
@@ -128,8 +131,39 @@ def fork_server() -> ForkServer:
             return _server
         if _server is not None:
             _server.control.close()
+            _end_what_it_left(_server)
         _server = ForkServer()
         return _server
+
+
+def forget_dead_server() -> None:
+    """If the fork server has died, end what it left now, not at the next start."""
+    global _server
+    with _server_lock:
+        if _server is not None and not _server.alive():
+            _server.control.close()
+            _end_what_it_left(_server)
+            _server = None
+
+
+def _end_what_it_left(server: ForkServer) -> None:
+    """Kill what still runs in the cgroups of a fork server that was killed, and remove them.
+
+    Its containers died with it (PR_SET_PDEATHSIG), but not what those
+    without a pid namespace forked: that is still in their cgroups. The
+    server was reaped (`alive` returned False), so its PID, which names its
+    cgroups, is not anyone else's yet.
+    """
+    if server.process.returncode == 0:
+        return  # it shut down cleanly, ending everything itself
+    try:
+        mounted = hierarchies()
+    except OSError:
+        return
+    for hierarchy in mounted:
+        base = os.path.join(hierarchy.own, f"{PREFIX}{server.pid}")
+        if os.path.isdir(base):
+            TrackedCgroup(base, hierarchy.version).end()
 
 
 def shutdown_fork_server() -> None:
@@ -142,6 +176,7 @@ def shutdown_fork_server() -> None:
         server, _server = _server, None
     if server is not None:
         server.close()
+        _end_what_it_left(server)
 
 
 def _at_fork_in_child() -> None:
@@ -283,7 +318,7 @@ class AsyncFrameChannel:
 
 async def receive_status(
     status: AsyncFrameChannel,
-) -> tuple[Forked | SpawnFailed | Exited, int | None]:
+) -> tuple[Forked | SpawnFailed | Exited | Emptied, int | None]:
     """Return the next message of a status channel, and the pidfd a `Forked` brings.
 
     Raises:
@@ -303,7 +338,7 @@ async def receive_status(
         raise PidfdLost(message.pid)
     for fd in fds:
         os.close(fd)
-    if isinstance(message, SpawnFailed | Exited):
+    if isinstance(message, SpawnFailed | Exited | Emptied):
         return message, None
     raise ContainerError(f"unexpected message from the fork server: {message!r}")
 

@@ -31,6 +31,7 @@ from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
 from .._wire import (
     ContainerSetup,
+    Emptied,
     Execing,
     Exited,
     Forked,
@@ -44,6 +45,7 @@ from .._wire import (
 from .client import (
     AsyncFrameChannel,
     PidfdLost,
+    forget_dead_server,
     kill_by_server,
     rebuild_exception,
     receive_status,
@@ -77,6 +79,10 @@ class Container:
         self._wait_lock = anyio.Lock()
         self._usage: ResourceUsage | None = None
         self._network: VethNetwork | None = None
+        # Its first process has exited, and processes it forked still run
+        # in its cgroup (no pid namespace): the status socket stays open
+        # for `_end_remains`.
+        self._lingering = False
 
     @property
     def pid(self) -> int:
@@ -109,6 +115,11 @@ class Container:
     async def wait(self) -> int:
         """Wait for the container to exit and return its returncode.
 
+        The container has exited when its first process has. Without a pid
+        namespace, what it forked and left running lives on in its cgroup
+        until the container is closed: on leaving `async with`, by `stop`
+        or `kill`, or when it is garbage-collected.
+
         Cancelling `wait` leaves the container running; it may be called
         again, from any number of tasks.
 
@@ -123,15 +134,56 @@ class Container:
                     message, _ = await receive_status(self._status)
                 except ContainerError:
                     self._finish(-signal.SIGKILL)
+                    forget_dead_server()
                     raise
                 if isinstance(message, Exited):
                     self._usage = message.usage
+                    self._lingering = message.lingering
                     self._finish(message.returncode)
         return self._returncode
 
     def _finish(self, returncode: int) -> None:
         self._returncode = returncode
-        self._close()
+        if self._lingering and self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        else:
+            self._close()
+
+    def _request_kill(self) -> None:
+        """Have the server kill everything in the container's cgroup (a byte on the status socket).
+
+        The socket's caller-to-server direction carries nothing else: the
+        byte never waits for room. Without a tracking cgroup the server
+        kills the first process alone, which the pidfd did already.
+        """
+        if self._status is None:
+            return
+        try:
+            self._status.sock.send(b"k")
+        except OSError:
+            pass  # the server is gone, and its containers with it
+
+    async def _end_remains(self) -> None:
+        """Kill what the container left in its cgroup, and wait until it is gone (bounded)."""
+        async with self._wait_lock:
+            if not self._lingering or self._status is None:
+                return
+            self._request_kill()
+            with anyio.move_on_after(_REAP_TIMEOUT):
+                while True:
+                    try:
+                        message, _ = await receive_status(self._status)
+                    except ContainerError:
+                        # The server died: what is left of its cgroups is
+                        # ended now if it can be told dead, else at the next
+                        # start of a server (sweep_stale).
+                        forget_dead_server()
+                        break
+                    if isinstance(message, Emptied):
+                        break
+            self._lingering = False
+            self._close()
 
     def _close(self) -> None:
         if self._pidfd is not None:
@@ -161,11 +213,22 @@ class Container:
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Send SIGKILL, which always ends the container."""
+        """SIGKILL the container: its first process, and every process in its cgroup.
+
+        Without a pid namespace the processes it forked are not ended with
+        its first process, but they are in the cgroup the fork server made
+        for it (when it may make cgroups: see docs/security.md), and die
+        too, also after the first process has exited.
+        """
         self.send_signal(signal.SIGKILL)
+        self._request_kill()
 
     async def stop(self, grace: float = 5.0) -> int:
         """Send SIGTERM, then SIGKILL if it still runs after `grace` seconds; return the returncode.
+
+        Once the first process has exited, what it forked and left running
+        (without a pid namespace) is killed, and `stop` returns when it is
+        gone too.
 
         If `stop` is cancelled, the container is killed and reaped before
         the cancellation propagates.
@@ -174,28 +237,33 @@ class Container:
             ValueError: if `grace` is negative or not a number.
         """
         _check_duration("grace", grace)
-        if self._returncode is not None:
-            return self._returncode
         try:
-            self.terminate()
-            with anyio.move_on_after(grace):
-                return await self.wait()
-            self.kill()
-            return await self.wait()
+            if self._returncode is None:
+                self.terminate()
+                with anyio.move_on_after(grace):
+                    await self.wait()
+            if self._returncode is None:
+                self.kill()
+                await self.wait()
         except BaseException:
             await self._kill_and_reap()
             raise
+        with anyio.CancelScope(shield=True):
+            await self._end_remains()
+        assert self._returncode is not None
+        return self._returncode
 
     async def _kill_and_reap(self) -> None:
-        """Kill and wait, shielded from cancellation (bounded by _REAP_TIMEOUT)."""
-        if self._returncode is not None:
-            return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_REAP_TIMEOUT):
-            self.kill()
-            try:
-                await self.wait()
-            except ContainerError:
-                pass
+        """Kill, wait, end what it left: shielded from cancellation, bounded by _REAP_TIMEOUT."""
+        with anyio.CancelScope(shield=True):
+            if self._returncode is None:
+                with anyio.move_on_after(_REAP_TIMEOUT):
+                    self.kill()
+                    try:
+                        await self.wait()
+                    except ContainerError:
+                        pass
+            await self._end_remains()
 
     async def __aenter__(self) -> Self:
         return self

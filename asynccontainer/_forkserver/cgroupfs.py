@@ -21,6 +21,7 @@ import os
 import signal
 import time
 
+from .._kernel.cgroups import TrackedCgroup
 from .._spec.limits import (
     CPU_PERIOD,
     PREFIX,
@@ -52,18 +53,35 @@ class ContainerCgroup:
     """The cgroups of one container, in the server: created, filled, read, removed."""
 
     def __init__(
-        self, limits: CgroupLimits, server_pid: int, name: str, mounted: list[Hierarchy]
+        self,
+        limits: CgroupLimits,
+        server_pid: int,
+        name: str,
+        mounted: list[Hierarchy],
+        v2_directory: str | None,
     ) -> None:
+        """Make the cgroups; in v2, `v2_directory` is the container's tracking cgroup, used as is.
+
+        Raises:
+            OSError: a cgroup that cannot be made or written (the caller
+                checked the hierarchies, so something changed since).
+        """
         self.limits = limits
         self.directories: list[tuple[Hierarchy, str]] = []
+        # Made here, removed here: not the tracking cgroup, which outlives this.
+        self.made: list[str] = []
         try:
             for hierarchy in plan_cgroups(limits, mounted):
                 base = os.path.join(hierarchy.own, f"{PREFIX}{server_pid}")
                 os.makedirs(base, exist_ok=True)
-                directory = os.path.join(base, name)
                 if hierarchy.version == 2:
                     _enable_v2_controllers(hierarchy, base, limits)
-                os.mkdir(directory)
+                if hierarchy.version == 2 and v2_directory is not None:
+                    directory = v2_directory
+                else:
+                    directory = os.path.join(base, name)
+                    os.mkdir(directory)
+                    self.made.append(directory)
                 self.directories.append((hierarchy, directory))
                 self._apply(hierarchy, directory)
         except BaseException:
@@ -103,8 +121,11 @@ class ContainerCgroup:
                     _write(directory, "cpu.shares", str(shares))
 
     def add(self, pid: int) -> None:
-        """Move the process `pid` (a container not yet running) into every cgroup."""
-        for _, directory in self.directories:
+        """Move the process `pid` (a container not yet running) into the cgroups made here.
+
+        It was cloned into its tracking cgroup, the v2 one, already.
+        """
+        for directory in self.made:
             _write(directory, "cgroup.procs", str(pid))
 
     def usage(self) -> ResourceUsage:
@@ -142,8 +163,9 @@ class ContainerCgroup:
         With a pid namespace they are empty once the container is reaped;
         a process can only be left by a failed start.
         """
-        for _, directory in reversed(self.directories):
+        for directory in reversed(self.made):
             _remove(directory)
+        self.made.clear()
         self.directories.clear()
 
 
@@ -212,8 +234,23 @@ def _safe_hierarchies() -> list[Hierarchy]:
         return []
 
 
+def _alive(pid: int) -> bool:
+    """Tell whether `pid` runs: a zombie (a killed server not yet reaped) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
 def sweep_stale() -> None:
-    """Remove what servers that died (SIGKILL) left: empty cgroups of dead servers."""
+    """End what servers that died (SIGKILL) left: their cgroups, and what still runs in them.
+
+    A server killed from outside cannot end the daemons of its containers
+    without a pid namespace: they are still in its tracking cgroups, and
+    are killed here, by the next server of the same cgroup.
+    """
     for hierarchy in _safe_hierarchies():
         try:
             names = os.listdir(hierarchy.own)
@@ -222,13 +259,9 @@ def sweep_stale() -> None:
         for name in names:
             if not name.startswith(PREFIX) or not name[len(PREFIX) :].isdigit():
                 continue
-            if os.path.exists(f"/proc/{name[len(PREFIX) :]}"):
+            if _alive(int(name[len(PREFIX) :])):
                 continue
-            base = os.path.join(hierarchy.own, name)
             try:
-                for child in os.listdir(base):
-                    if os.path.isdir(os.path.join(base, child)):
-                        _remove(os.path.join(base, child))
-                os.rmdir(base)
+                TrackedCgroup(os.path.join(hierarchy.own, name), hierarchy.version).end()
             except OSError:
-                pass
+                pass  # left for the next server

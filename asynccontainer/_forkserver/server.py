@@ -35,9 +35,11 @@ from typing import NoReturn
 import cloudpickle  # noqa: F401
 
 from .. import _kernel
+from .._kernel.cgroups import TrackedCgroup
 from .._spec.limits import Hierarchy, hierarchies
 from .._spec.network import VethNetwork
 from .._wire import (
+    Emptied,
     ExceptionInfo,
     Exited,
     Forked,
@@ -50,6 +52,7 @@ from .._wire import (
 )
 from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
 from .idmaps import write_id_maps
+from .lifetime import Tracking, clone_into
 from .veth import create_veth, delete_veth
 from .zygote import container_main
 
@@ -57,6 +60,10 @@ __all__ = ["main", "serve"]
 
 # Zygotes kept at most: one per kind of container (clone flags) in use.
 _MAX_ZYGOTES = 4
+
+# How long a reap waits for a lingering cgroup's last tasks to leave it
+# once none is alive (rmdir fails with EBUSY until then).
+_EMPTY_WAIT = 0.05
 
 # A request is a pickled SpawnRequest of a few hundred bytes.
 _MAX_REQUEST = 65536
@@ -75,6 +82,16 @@ class _Server:
         self.status: dict[int, socket.socket] = {}
         # The cgroups of containers with limits, by PID, until reaped.
         self.cgroups: dict[int, ContainerCgroup] = {}
+        # Every container's and zygote's cgroup of its own (_forkserver.
+        # lifetime), by PID until reaped; then, while processes it forked
+        # still run there, with the status socket of a caller who may kill
+        # them (None once it closed its end).
+        self.tracking: Tracking | None = None
+        self.tracking_chosen = False
+        self.tracked: dict[int, TrackedCgroup] = {}
+        self.lingering: dict[TrackedCgroup, socket.socket | None] = {}
+        # Containers whose caller closed its status socket while they ran.
+        self.abandoned: set[int] = set()
         # The veth pairs of containers with network="veth", by PID.
         self.veths: dict[int, VethNetwork] = {}
         # The cgroup hierarchies and the server's cgroup in each, read on
@@ -107,15 +124,57 @@ class _Server:
             for key, _ in events:
                 if key.fileobj is self.control:
                     self.receive_request()
-                else:
+                elif key.fileobj == self.wakeup_r:
                     while True:
                         try:
                             if not os.read(self.wakeup_r, 4096):
                                 break
                         except BlockingIOError:
                             break
+                else:
+                    self.receive_status(key)
             self.reap()
         self.shut_down()
+
+    def receive_status(self, key: selectors.SelectorKey) -> None:
+        """Handle a byte on a status socket (kill all of the container), or its end-of-file."""
+        status = key.fileobj
+        assert isinstance(status, socket.socket)
+        try:
+            data = status.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        target = key.data
+        if isinstance(target, TrackedCgroup):
+            # Reaped, with processes left: killed on request, and when nobody
+            # holds the container any more.
+            target.kill()
+            if not data:
+                self.selector.unregister(status)
+                status.close()
+                self.lingering[target] = None
+            return
+        if data:
+            self.kill(target)
+        else:
+            # Dropped while it runs (as a Popen may be): it goes on, and what
+            # it leaves at its exit is killed then.
+            self.selector.unregister(status)
+            self.abandoned.add(target)
+
+    def choose_tracking(self) -> Tracking | None:
+        """Return the hierarchy to track containers in, chosen on first use, or None."""
+        if not self.tracking_chosen:
+            self.tracking_chosen = True
+            if self.hierarchies is None:
+                try:
+                    self.hierarchies = hierarchies()
+                except OSError:
+                    self.hierarchies = []
+            self.tracking = Tracking.choose(self.hierarchies, os.getpid())
+        return self.tracking
 
     def receive_request(self) -> None:
         try:
@@ -152,18 +211,33 @@ class _Server:
         finally:
             os.close(handshake_fd)
 
-    def clone(self, flags: int) -> tuple[int, socket.socket]:
-        """Clone a container process that waits for its go; return (PID, go socket)."""
+    def clone(self, flags: int, into: TrackedCgroup | None = None) -> tuple[int, socket.socket]:
+        """Clone a container process that waits for its go; return (PID, go socket).
+
+        It starts in a new cgroup of its own (when the server can track),
+        or in `into`, the cgroup of the container an excursion enters.
+        """
         go, child_go = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        owned = None
         try:
-            pid = _kernel.clone(flags | signal.SIGCHLD)
+            tracking = self.choose_tracking()
+            if into is None and tracking is not None:
+                owned = into = tracking.create()
+            if into is None:
+                pid = _kernel.clone(flags | signal.SIGCHLD)
+            else:
+                pid = clone_into(flags | signal.SIGCHLD, into)
         except BaseException:
             go.close()
             child_go.close()
+            if owned is not None:
+                owned.remove()
             raise
         if pid == 0:
             container_main(child_go.fileno())
         child_go.close()
+        if owned is not None:
+            self.tracked[pid] = owned
         return pid, go
 
     def prepare_zygote(self, flags: int) -> None:
@@ -197,8 +271,11 @@ class _Server:
         return zygote
 
     def kill(self, pid: int) -> None:
-        """SIGKILL a container not reaped yet (its PID is still its own); else nothing."""
+        """SIGKILL a container not reaped yet (its PID is still its own) and all in its cgroup."""
         if pid in self.status:
+            tracked = self.tracked.get(pid)
+            if tracked is not None:
+                tracked.kill()
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -214,7 +291,7 @@ class _Server:
         received whole, and answered.
         """
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        in_use = self.base_fds + len(self.status) + len(self.zygotes)
+        in_use = self.base_fds + len(self.status) + len(self.zygotes) + len(self.lingering)
         return soft - in_use < _FD_MARGIN
 
     def spawn(self, request: SpawnRequest, handshake_fd: int, status: socket.socket) -> None:
@@ -229,17 +306,23 @@ class _Server:
             status.close()
             return
         flags = request.clone_flags
-        zygote = self.take_zygote(flags)
+        # An excursion starts in the cgroup of the container it enters (as
+        # docker exec does): cloned there, not a zygote moved in, which would
+        # wait for an RCU grace period (see _kernel.clone).
+        into = self.tracked.get(request.cgroup_of) if request.cgroup_of else None
+        zygote = None if into is not None else self.take_zygote(flags)
         if zygote is None:
             try:
-                zygote = self.clone(flags)
+                zygote = self.clone(flags, into)
             except OSError as exc:
                 self.send(status, SpawnFailed(ExceptionInfo.capture(exc)))
                 status.close()
                 return
-        self.wanted.add(flags)
+        if into is None:
+            self.wanted.add(flags)
         pid, go = zygote
         self.status[pid] = status
+        self.selector.register(status, selectors.EVENT_READ, pid)
         try:
             if request.id_map is not None:
                 write_id_maps(
@@ -254,12 +337,17 @@ class _Server:
                 # Before the go: nothing of the container runs outside them.
                 if self.hierarchies is None:
                     self.hierarchies = hierarchies()
-                cgroup = ContainerCgroup(request.limits, os.getpid(), f"c{pid}", self.hierarchies)
+                tracked = self.tracked.get(pid)
+                v2 = tracked.path if tracked is not None and tracked.version == 2 else None
+                cgroup = ContainerCgroup(
+                    request.limits, os.getpid(), f"c{pid}", self.hierarchies, v2
+                )
                 self.cgroups[pid] = cgroup
                 cgroup.add(pid)
             entered = self.cgroups.get(request.cgroup_of) if request.cgroup_of else None
             if entered is not None:
-                # The container's limits= apply to what is run inside it.
+                # The container's limits= apply to what is run inside it
+                # (in v1 hierarchies: it was cloned into the v2 one).
                 entered.add(pid)
             network = None
             if request.network == "veth":
@@ -303,11 +391,27 @@ class _Server:
             for flags, (zygote, _) in list(self.zygotes.items()):
                 if zygote == pid:
                     self.discard_zygote(flags)  # killed from outside
+            # The last process of a lingering cgroup, at its exit, is a child
+            # of the server (it was adopted, at the latest): checked here.
+            self.check_lingering()
+
+    def check_lingering(self) -> None:
+        """Remove the lingering cgroups left empty, and tell their callers."""
+        for tracked, status in list(self.lingering.items()):
+            if not tracked.remove(wait=_EMPTY_WAIT):
+                continue
+            del self.lingering[tracked]
+            if status is not None:
+                self.send(status, Emptied())
+                self.selector.unregister(status)
+                status.close()
 
     def shut_down(self) -> None:
         """Kill and reap every container still running; nobody can wait for them any more."""
         for flags in list(self.zygotes):
             self.discard_zygote(flags)
+        for tracked in [*self.tracked.values(), *self.lingering]:
+            tracked.kill()
         # Every child is killed: the containers, the zygotes (released, they
         # would exit anyway) and the orphans adopted as subreaper. A child
         # that forks while dying may leave one more orphan here: every child
@@ -320,6 +424,12 @@ class _Server:
             except ChildProcessError:
                 break
             self.report_exit(pid, wait_status)
+        for tracked, status in self.lingering.items():
+            tracked.end()
+            if status is not None:
+                self.send(status, Emptied())
+                status.close()
+        self.lingering.clear()
         remove_server_tree(os.getpid())
 
     def report_exit(self, pid: int, wait_status: int) -> None:
@@ -338,10 +448,27 @@ class _Server:
             except (OSError, ValueError):
                 pass  # a cgroup removed from outside: no usage to report
             cgroup.remove()
+        tracked = self.tracked.pop(pid, None)
+        # With a pid namespace its cgroup is empty now; without one, what
+        # it forked may live on, for as long as its caller lets it.
+        lingering = tracked is not None and not tracked.remove()
+        abandoned = pid in self.abandoned
+        self.abandoned.discard(pid)
         status = self.status.pop(pid, None)
         if status is not None:
-            self.send(status, Exited(os.waitstatus_to_exitcode(wait_status), usage))
+            self.send(status, Exited(os.waitstatus_to_exitcode(wait_status), usage, lingering))
+            if lingering and not abandoned:
+                assert tracked is not None
+                self.selector.modify(status, selectors.EVENT_READ, tracked)
+                self.lingering[tracked] = status
+                return
+            if not abandoned:
+                self.selector.unregister(status)
             status.close()
+        if lingering:
+            assert tracked is not None
+            tracked.kill()  # nobody holds the container any more
+            self.lingering[tracked] = None
 
 
 def _children() -> list[int]:

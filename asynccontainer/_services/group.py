@@ -286,6 +286,10 @@ class Service:
                 if self._pidfd is not None and self._pid != container.pid:
                     await anyio.wait_readable(self._pidfd)
         finally:
+            # The service is down: what its processes forked and left in its
+            # cgroup goes with it (as systemd's KillMode=control-group).
+            with anyio.CancelScope(shield=True):
+                await container._end_remains()
             ended.set()
 
     async def _terminate(self) -> None:

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 
 import attrs
 
+from .._kernel.cgroups import read_cgroup_file
+
 __all__ = [
     "CPU_PERIOD",
     "PREFIX",
@@ -280,12 +282,3 @@ def plan_cgroups(limits: CgroupLimits, mounted: list[Hierarchy] | None = None) -
             chosen.append(cpuacct)
     _check_writable(chosen)
     return chosen
-
-
-def read_cgroup_file(directory: str, name: str) -> str | None:
-    """Return the content of a cgroup file, or None if the cgroup has no such file."""
-    try:
-        with open(os.path.join(directory, name)) as file:
-            return file.read()
-    except FileNotFoundError:
-        return None

@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 from capture import forge_reply, sh
+from procfs import alive
 
 import asynccontainer as ac
 
@@ -214,3 +215,39 @@ async def test_a_forged_excursion_reply_runs_nothing_in_the_caller(tmp_path: Pat
         with pytest.raises(ac.UntrustedValueError):
             await ac.container_excursion_value(box, lambda: forge_reply(str(marker)))
     assert not marker.exists()
+
+
+def cgroups_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as file:
+        return file.read()
+
+
+async def test_what_a_container_without_pid_namespace_leaves_is_ended(tmp_path: Path) -> None:
+    """A setsid daemon of a container without a pid namespace: by its cgroup, or at shutdown.
+
+    As root the fork server clones every container into a cgroup of its
+    own, and stop() kills what is in it. An unprivileged caller outside a
+    delegated cgroup may make none: the daemon is then adopted by the
+    server (a subreaper) and killed when it shuts down (docs/security.md).
+    """
+    script = "setsid sleep 300 & echo $! > /out/daemon; exec sleep 300"
+    mounts = [*SYSTEM, ac.FileSystemMapping(str(tmp_path), "/out", writable=True)]
+    async with await ac.run_container(
+        ["sh", "-c", script], mounts=mounts, namespaces=["mnt", "user"]
+    ) as container:
+        with anyio.fail_after(10):
+            while not (tmp_path / "daemon").exists() or not (
+                tmp_path / "daemon"
+            ).read_text().endswith("\n"):
+                await anyio.sleep(0.005)
+        daemon = int((tmp_path / "daemon").read_text())
+        # In a cgroup of its own, below this process's, if the server made one.
+        tracked = cgroups_of(daemon) != cgroups_of(os.getpid())
+        assert tracked or not ROOT, "as root, every container has a cgroup of its own"
+        await container.stop(grace=0)
+    if tracked:
+        assert not alive(daemon)
+    else:
+        assert alive(daemon)
+        ac.shutdown_fork_server()
+        assert not alive(daemon)
