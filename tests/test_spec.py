@@ -7,6 +7,7 @@ same definition, and so do the command line and the services file.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import subprocess
@@ -106,6 +107,49 @@ async def test_a_misspelt_keyword_is_a_type_error_naming_the_closest_option() ->
     with pytest.raises(TypeError, match=r"spec must be a ContainerSpec"):
         await ac.run_container(["true"], {"hostname": "box"})  # type: ignore[arg-type]
     assert _client._server is None
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: ac.ContainerSpec(hostnam="box"),
+            "container option 'hostnam'; did you mean 'hostname'",
+        ),
+        # A service's spelling given to a container, and the other way round.
+        (
+            lambda: ac.ContainerSpec(mappings=()),
+            "container option 'mappings'; did you mean 'mounts'",
+        ),
+        (
+            lambda: ac.ServiceSpec(["true"], mounts=()),
+            "service option 'mounts'; did you mean 'mappings'",
+        ),
+        (
+            lambda: ac.ServiceSpec(["true"], env={}),
+            "service option 'env'; did you mean 'environment'",
+        ),
+        (
+            lambda: ac.ServiceSpec(["true"], cwd="/"),
+            "service option 'cwd'; did you mean 'directory'",
+        ),
+        (
+            lambda: ac.ServiceSpec(["true"], respwan=True),
+            "service option 'respwan'; did you mean 'respawn'",
+        ),
+    ],
+)
+def test_a_spec_names_the_closest_option_to_a_misspelt_keyword(
+    build: typing.Callable[[], object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=f"^unknown {message}"):
+        build()
+
+
+def test_the_specs_keep_their_signatures_for_the_documentation() -> None:
+    assert "hostname" in inspect.signature(ac.ContainerSpec).parameters
+    assert next(iter(inspect.signature(ac.ServiceSpec).parameters)) == "command"
+    assert ac.ServiceSpec(["true"], respawn=True).respawn
 
 
 def test_a_misspelt_keyword_fails_the_type_checker(tmp_path: Path) -> None:

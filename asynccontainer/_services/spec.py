@@ -19,7 +19,14 @@ import attrs
 
 from .._plan import steps
 from .._plan.build import Extras
-from .._spec.checks import MAX_ID, absolute_path, boolean, environment, seconds
+from .._spec.checks import (
+    MAX_ID,
+    absolute_path,
+    boolean,
+    environment,
+    hint_unknown_keywords,
+    seconds,
+)
 from .._spec.container import ContainerSpec, SharedOptions, check_rules
 from .._spec.filesystems import (
     CONTAINER_FILE_SYSTEMS,
@@ -201,6 +208,11 @@ def _accounts(instance: object, attribute: attrs.Attribute[Any], value: tuple[ob
         _account(instance, attribute, account)
 
 
+# A container's spelling of a service option, for the hint of a TypeError.
+_CONTAINER_SPELLINGS = {"mounts": "mappings", "env": "environment", "cwd": "directory"}
+
+
+@hint_unknown_keywords("service", _CONTAINER_SPELLINGS)
 @attrs.frozen
 class ServiceSpec(SharedOptions):
     """What to run as a service, and how: Shepherd's make-forkexec-constructor/container.

@@ -9,9 +9,12 @@ with the field's name.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 
@@ -20,9 +23,13 @@ __all__ = [
     "absolute_path",
     "boolean",
     "environment",
+    "hint_unknown_keywords",
     "identifier",
     "seconds",
+    "unknown_keyword",
 ]
+
+_Class = TypeVar("_Class", bound=type)
 
 # user_namespaces(7): ids are 32-bit and (uid_t)-1 is never valid.
 MAX_ID = 2**32 - 2
@@ -102,3 +109,45 @@ def environment(
         if not key or "=" in key or "\0" in key or "\0" in text:
             raise ValueError(f"{what} variable name {key!r} or its value is not valid")
     return pairs
+
+
+def unknown_keyword(
+    what: str, name: str, known: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> TypeError:
+    """Return the TypeError for an unknown keyword `name`, naming the closest known one.
+
+    `aliases` maps a name that is another class's spelling (a container's
+    `mounts` where a service says `mappings`) to this class's.
+    """
+    close = (aliases or {}).get(name) or next(
+        iter(difflib.get_close_matches(name, list(known), n=1)), None
+    )
+    hint = f"; did you mean {close!r}?" if close else ""
+    return TypeError(f"unknown {what} option {name!r}{hint}")
+
+
+def hint_unknown_keywords(
+    what: str, aliases: Mapping[str, str] | None = None
+) -> Callable[[_Class], _Class]:
+    """Make an attrs class's constructor name the closest option to a misspelt keyword.
+
+    attrs' generated `__init__` raises Python's bare "unexpected keyword
+    argument"; the wrapper keeps its signature (`__wrapped__`) for
+    `inspect.signature` and the documentation.
+    """
+
+    def decorate(cls: _Class) -> _Class:
+        generated: Callable[..., None] = cls.__dict__["__init__"]
+        known = [field.alias for field in attrs.fields(cls)]
+
+        @functools.wraps(generated)
+        def __init__(self: object, *args: Any, **options: Any) -> None:
+            unknown = sorted(set(options) - set(known))
+            if unknown:
+                raise unknown_keyword(what, unknown[0], known, aliases)
+            generated(self, *args, **options)
+
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return decorate

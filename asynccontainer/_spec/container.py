@@ -12,7 +12,6 @@ checked when a plan is made from the spec, just before anything is spawned.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypedDict
@@ -21,7 +20,15 @@ import attrs
 
 from .._kernel import SCM_MAX_FD
 from .capabilities import DEFAULT_CAPABILITIES, capability_name, capability_numbers
-from .checks import MAX_ID, absolute_path, boolean, environment, identifier
+from .checks import (
+    MAX_ID,
+    absolute_path,
+    boolean,
+    environment,
+    hint_unknown_keywords,
+    identifier,
+    unknown_keyword,
+)
 from .filesystems import FileSystem, FileSystemMapping, MountItem, Symlink
 from .limits import CgroupLimits, check_limits
 from .namespaces import NAMESPACES, normalize_namespaces
@@ -181,6 +188,11 @@ class SharedOptions:
         return self.capabilities == DEFAULT_CAPABILITIES
 
 
+# A service's spelling of a container option, for the hint of a TypeError.
+_SERVICE_SPELLINGS = {"mappings": "mounts", "environment": "env", "directory": "cwd"}
+
+
+@hint_unknown_keywords("container", _SERVICE_SPELLINGS)
 @attrs.frozen(kw_only=True)
 class ContainerSpec(SharedOptions):
     """Every option of a container, checked when the spec is made.
@@ -391,7 +403,5 @@ def resolve_spec(spec: ContainerSpec | None, options: Mapping[str, Any]) -> Cont
         raise TypeError(f"spec must be a ContainerSpec, not {spec!r}")
     unknown = sorted(set(options) - _FIELDS)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], _FIELDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"unknown container option {unknown[0]!r}{hint}")
+        raise unknown_keyword("container", unknown[0], _FIELDS, _SERVICE_SPELLINGS)
     return attrs.evolve(spec, **options) if options else spec
