@@ -137,6 +137,21 @@ def settled_containers_of(server_pid: int) -> set[int]:
         time.sleep(0.01)
 
 
+def settled_cgroups(before: set[str]) -> set[str]:
+    """The containers' cgroups not in `before`, once those just reaped are removed (5 s at most).
+
+    The server tells a container's exit first and removes its cgroup right
+    after (an rmdir is 0.1 ms the caller need not wait for): a test's end
+    may come in between.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        cgroups = container_cgroups() - before
+        if not cgroups or time.monotonic() > deadline:
+            return cgroups
+        time.sleep(0.01)
+
+
 @pytest.fixture(autouse=True)
 def nothing_leaks() -> Iterator[None]:
     """Fail the test if it leaves a process, a zombie, an fd, a mount or a temp file behind."""
@@ -176,7 +191,7 @@ def nothing_leaks() -> Iterator[None]:
         problems.append(f"file descriptors left open: {new_fds}")
     if mount_table() != mounts_before:
         problems.append("the host's mount table changed")
-    new_cgroups = container_cgroups() - cgroups_before
+    new_cgroups = settled_cgroups(cgroups_before)
     if new_cgroups:
         problems.append(f"cgroups left: {sorted(new_cgroups)}")
     new_temp = temp_entries() - temp_before

@@ -166,6 +166,8 @@ class Container:
 
     async def _end_remains(self) -> None:
         """Kill what the container left in its cgroup, and wait until it is gone (bounded)."""
+        if not self._lingering:
+            return  # the common case, taken with no checkpoint: nothing was left
         async with self._wait_lock:
             if not self._lingering or self._status is None:
                 return
@@ -248,13 +250,16 @@ class Container:
         except BaseException:
             await self._kill_and_reap()
             raise
-        with anyio.CancelScope(shield=True):
-            await self._end_remains()
+        if self._lingering:
+            with anyio.CancelScope(shield=True):
+                await self._end_remains()
         assert self._returncode is not None
         return self._returncode
 
     async def _kill_and_reap(self) -> None:
         """Kill, wait, end what it left: shielded from cancellation, bounded by _REAP_TIMEOUT."""
+        if self._returncode is not None and not self._lingering:
+            return  # ended, and nothing left: no checkpoint (call_with_container's hot path)
         with anyio.CancelScope(shield=True):
             if self._returncode is None:
                 with anyio.move_on_after(_REAP_TIMEOUT):

@@ -434,12 +434,9 @@ class _Server:
 
     def report_exit(self, pid: int, wait_status: int) -> None:
         """Send a reaped container's exit (and usage) to its caller; remove its cgroups."""
-        veth = self.veths.pop(pid, None)
-        if veth is not None:
-            try:
-                delete_veth(veth.host_interface)
-            except Exception:
-                pass  # gone with the namespace already
+        # Deleted before the exit is told: the caller may reuse its address
+        # at once (tests/test_network.py).
+        self.delete_veth_of(pid)
         cgroup = self.cgroups.pop(pid, None)
         usage = None
         if cgroup is not None:
@@ -447,28 +444,44 @@ class _Server:
                 usage = cgroup.usage()
             except (OSError, ValueError):
                 pass  # a cgroup removed from outside: no usage to report
-            cgroup.remove()
         tracked = self.tracked.pop(pid, None)
         # With a pid namespace its cgroup is empty now; without one, what
         # it forked may live on, for as long as its caller lets it.
-        lingering = tracked is not None and not tracked.remove()
+        lingering = tracked is not None and tracked.populated()
         abandoned = pid in self.abandoned
         self.abandoned.discard(pid)
         status = self.status.pop(pid, None)
         if status is not None:
             self.send(status, Exited(os.waitstatus_to_exitcode(wait_status), usage, lingering))
-            if lingering and not abandoned:
-                assert tracked is not None
-                self.selector.modify(status, selectors.EVENT_READ, tracked)
-                self.lingering[tracked] = status
-                return
-            if not abandoned:
-                self.selector.unregister(status)
-            status.close()
+        # The caller knows now; the rmdirs (0.1 ms each) need not delay it.
+        if cgroup is not None:
+            cgroup.remove()
+        if tracked is not None and not lingering and not tracked.remove():
+            tracked.kill()  # populated again, or never emptied: a process raced its exit
+            self.lingering[tracked] = None
+        if status is None:
+            return
+        if lingering and not abandoned:
+            assert tracked is not None
+            self.selector.modify(status, selectors.EVENT_READ, tracked)
+            self.lingering[tracked] = status
+            return
+        if not abandoned:
+            self.selector.unregister(status)
+        status.close()
         if lingering:
             assert tracked is not None
             tracked.kill()  # nobody holds the container any more
             self.lingering[tracked] = None
+
+    def delete_veth_of(self, pid: int) -> None:
+        """Delete an exited container's veth, if it has one."""
+        veth = self.veths.pop(pid, None)
+        if veth is not None:
+            try:
+                delete_veth(veth.host_interface)
+            except Exception:
+                pass  # gone with the namespace already
 
 
 def _children() -> list[int]:

@@ -65,6 +65,14 @@ def remove_tree(directory: str) -> bool:
     A container whose processes may write its cgroupfs can make cgroups
     below its own; they go too. False while any is populated (EBUSY).
     """
+    try:
+        os.rmdir(directory)  # the common case, a leaf: no walk (scandir) needed
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise
     for path, _, _ in os.walk(directory, topdown=False):
         try:
             os.rmdir(path)
