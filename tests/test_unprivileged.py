@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 from capture import NESTING_MOUNTS, NESTING_SECCOMP
 
@@ -74,7 +75,14 @@ async def test_cases_pass_as_an_unprivileged_user(tmp_path: Path) -> None:
             namespaces=["mnt", "pid", "ipc", "uts", "net"],
             # /tmp first: a checkout or a virtual environment under /tmp is
             # mapped over it, not hidden by it.
-            mounts=[ac.WRITABLE_TMP, *ac.HOST_SYSTEM_MAPPINGS, *python_mappings(), *NESTING_MOUNTS],
+            mounts=[
+                ac.WRITABLE_TMP,
+                # Where the hostile cases keep a directory outside /tmp.
+                attrs.evolve(ac.WRITABLE_TMP, mount_point="/var/tmp"),
+                *ac.HOST_SYSTEM_MAPPINGS,
+                *python_mappings(),
+                *NESTING_MOUNTS,
+            ],
             env={
                 "PATH": "/usr/local/bin:/usr/bin:/bin",
                 "HOME": "/tmp",
