@@ -16,7 +16,6 @@ Constants are named after the kernel's and carry the header they come from.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import signal
@@ -148,12 +147,14 @@ _SYSCALL_NUMBERS = {
 }
 
 # use_errno: read errno right after the call, before Python can clobber it.
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# dlopen(NULL) is the program's own namespace, libc included (dlopen(3)):
+# ctypes.util.find_library would run ldconfig -p, 24 ms at a process start.
+_libc = ctypes.CDLL(None, use_errno=True)
 # A PyDLL keeps the GIL held during the call. clone() must run with the GIL
 # held: the child starts with a copy of this thread holding it, which is the
 # state the interpreter's after-fork hook expects (BenchExec's container.py
 # documents the deadlocks seen otherwise).
-_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
 
 _libc.mount.argtypes = [
     ctypes.c_char_p,

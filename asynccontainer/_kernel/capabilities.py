@@ -8,7 +8,6 @@ bit N standing for capability number N (<linux/capability.h>).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 from . import prctl
@@ -50,7 +49,7 @@ class _Data(ctypes.Structure):
     )
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.capget.argtypes = [ctypes.POINTER(_Header), ctypes.POINTER(_Data)]
 _libc.capset.argtypes = [ctypes.POINTER(_Header), ctypes.POINTER(_Data)]
 

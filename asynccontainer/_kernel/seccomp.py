@@ -47,11 +47,17 @@ class ArgCmp(ctypes.Structure):
 
 
 def _open_libseccomp() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    # The soname first: find_library runs ldconfig -p (a process, ms).
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
-        return None  # compile_policy says what to install
+        name = ctypes.util.find_library("seccomp")
+        if name is None:
+            return None  # compile_policy says what to install
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
