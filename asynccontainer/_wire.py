@@ -101,6 +101,9 @@ class SpawnRequest:
     # An excursion: the host PID of the container it enters, whose cgroups
     # (if the server made some) it joins before its go, as docker exec does.
     cgroup_of: int | None = None
+    # Which executor runs the plan: "python" (a zygote, the plan pickled) or
+    # "c" (a CLONE_VM child of the server, the plan of `_plan.encode`).
+    executor: str = "python"
 
 
 # How deep a value from inside may nest; deeper is refused, not recursed into.
@@ -383,6 +386,9 @@ class StepFailed:
     filename: str | None
     error: ExceptionInfo | None
     traceback: str
+    # From the C executor: what its errno alone cannot say (the mask of
+    # the capabilities a LimitBoundingSet step missed).
+    detail: int = 0
 
 
 @attrs.frozen
@@ -535,4 +541,23 @@ def decode_reply(data: bytes) -> object:
     Raises:
         UntrustedValueError: for a pickle that names anything else.
     """
+    if data[:4] in _C_RECORDS:
+        return _c_record(data)
     return _DataUnpickler(data, _REPLIES).load()
+
+
+# What the C executor sends (cexecutor.c): fixed records, not pickles
+# (which start with b"\x80").
+_C_EXECING = b"ACX1"
+_C_FAILED = struct.Struct("<4siiq")
+_C_RECORDS = (_C_EXECING, b"ACF1")
+
+
+def _c_record(data: bytes) -> object:
+    """Return the message of a C executor's record: Execing, or StepFailed."""
+    if data == _C_EXECING:
+        return Execing()
+    if len(data) != _C_FAILED.size:
+        raise UntrustedValueError(f"a malformed record of the C executor: {data[:32]!r}")
+    _, index, number, detail = _C_FAILED.unpack(data)
+    return StepFailed(index, number, None, None, None, "(in the C executor)", detail)

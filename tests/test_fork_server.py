@@ -566,13 +566,17 @@ async def test_multi_threaded_caller() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs on the host")
-async def test_a_zygote_sees_a_file_system_mounted_after_it_was_cloned(tmp_path: Path) -> None:
+async def test_a_zygote_sees_a_file_system_mounted_after_it_was_cloned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Zygotes are cloned ahead of need; their mount namespace must not be a stale copy.
 
     On a host whose mounts are private, a zygote that had its mount
     namespace from the clone missed every file system mounted since: the
     new namespace is entered after the go, from the host's current table.
+    (Zygotes are the Python executor's; the C executor clones per start.)
     """
+    monkeypatch.setenv("ASYNCCONTAINER_EXECUTOR", "python")
     assert await ac.call_with_container(["true"], mounts=SYSTEM) == 0
     # Idle now: the server clones a zygote for these flags; wait until it exists.
     server = _client._server

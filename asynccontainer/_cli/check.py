@@ -15,6 +15,7 @@ from typing import TextIO
 import attrs
 
 from .. import _kernel
+from .._plan import encode
 from .._spec.namespaces import (
     NAMESPACES,
     namespace_clone_flags,
@@ -200,7 +201,27 @@ def findings() -> list[Finding]:
         )
     )
     result.append(_cgroup_version())
+    result.append(_executor())
     return result
+
+
+def _executor() -> Finding:
+    """Say which executor runs the plans of command containers (the C one, where built)."""
+    try:
+        chosen = encode.chosen_executor()
+    except ValueError as exc:
+        return Finding("executor", False, str(exc), "", required=False)
+    if chosen == "c":
+        return Finding("executor", True, "C (command targets; callables run in Python)")
+    if encode.LIBRARY.exists():
+        return Finding("executor", True, f"Python ({encode.EXECUTOR_VARIABLE}=python)")
+    return Finding(
+        "executor",
+        True,
+        "Python (the C executor was not built)",
+        "reinstall with a C compiler present for faster starts",
+        required=False,
+    )
 
 
 def report(out: TextIO) -> int:

@@ -299,7 +299,15 @@ class AsyncFrameChannel:
         Raises:
             BrokenPipeError: when the peer is gone.
         """
-        data = memoryview(encode_frame(message, len(fds)))
+        await self.send_bytes(encode_frame(message, len(fds)), fds)
+
+    async def send_bytes(self, payload: bytes, fds: Sequence[int] = ()) -> None:
+        """Send bytes as they are (a C executor's plan), `fds` with the first byte.
+
+        Raises:
+            BrokenPipeError: when the peer is gone.
+        """
+        data = memoryview(payload)
         ancillary = fds_ancillary(fds)
         while data:
             try:

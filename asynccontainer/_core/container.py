@@ -21,11 +21,14 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeAlias, Unpack
 
 import anyio
+import attrs
 
 from .. import _kernel
 from .._errors import ContainerError
+from .._plan import encode
 from .._plan.build import Target, plan_container
-from .._plan.steps import Call, ContainerPlan, Exec
+from .._plan.steps import Call, ContainerPlan, Exec, LimitBoundingSet
+from .._spec.capabilities import missing_capabilities
 from .._spec.container import ContainerOptions, ContainerSpec, resolve_spec
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
@@ -429,7 +432,13 @@ async def spawn(
 
     Cancellation: the container is killed and reaped first.
     """
-    container, handshake = await start_process(request, ContainerSetup(plan), fds)
+    setup: object = ContainerSetup(plan)
+    if encode.chosen_executor() == "c":
+        encoded = encode.encode(plan, encode.PLAN_ROOM)
+        if encoded is not None:
+            setup = encoded
+            request = attrs.evolve(request, executor="c")
+    container, handshake = await start_process(request, setup, fds)
     try:
         root = await await_ready(container, handshake, plan)
     except BaseException:
@@ -472,7 +481,10 @@ async def start_process(
             child_handshake.close()
             server_status.close()
         try:
-            await handshake.send(setup, fds)
+            if isinstance(setup, bytes):
+                await handshake.send_bytes(setup, fds)  # a plan for the C executor
+            else:
+                await handshake.send(setup, fds)
         except (BrokenPipeError, ConnectionResetError):
             # The child died before reading it; the status channel says why.
             pass
@@ -593,6 +605,8 @@ def rebuild_failure(failure: StepFailed | SetupFailed, plan: ContainerPlan | Non
     if failure.errno is not None:
         filename = step.path if step is not None and step.path is not None else failure.filename
         strerror = failure.strerror or os.strerror(failure.errno)
+        if isinstance(step, LimitBoundingSet) and failure.detail:
+            strerror = missing_capabilities(failure.detail)
         exc = (
             OSError(failure.errno, strerror, filename)
             if filename

@@ -13,11 +13,12 @@ names, in all five sets at once (capabilities(7)):
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 from .. import _kernel
 from .._kernel import capabilities as _caps
-from .._spec.capabilities import capability_name
+from .._spec.capabilities import missing_capabilities
 
 __all__ = ["keep_only", "limit_bounding_set"]
 
@@ -59,12 +60,7 @@ def limit_bounding_set(keep: frozenset[int], required: bool, switching_user: boo
     wanted = _mask(keep)
     missing = wanted & ~permitted
     if missing and required:
-        names = sorted(capability_name(n) for n in range(64) if missing >> n & 1)
-        raise PermissionError(
-            1,
-            f"the container cannot keep {', '.join(names)}: its process does not hold "
-            "them (add 'user' to namespaces, or run as root)",
-        )
+        raise PermissionError(errno.EPERM, missing_capabilities(missing))
     kept = wanted & permitted
     # The bounding set cannot shrink without CAP_SETPCAP (capabilities(7)):
     # so it is for a caller without root and without a user namespace, which

@@ -50,6 +50,7 @@ from .._wire import (
     fds_ancillary,
     recvmsg_fds,
 )
+from . import cexec
 from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
 from .idmaps import write_id_maps
 from .lifetime import Tracking, clone_into
@@ -104,6 +105,11 @@ class _Server:
         self.zygotes: dict[int, tuple[int, socket.socket]] = {}
         # Flags served since the server was last idle: a zygote is wanted.
         self.wanted: set[int] = set()
+        # The C executor (None where it was not built), and the mappings of
+        # its children by the read end of their lifetime pipe: freed at its
+        # end-of-file (the exec, or the exit).
+        self.cexec = cexec.load()
+        self.mappings: dict[int, int] = {}
         self.running = True
         # What is open when the loop starts: stdio, the control socket, the
         # selector, the wakeup pipe, libraries' own.
@@ -124,6 +130,8 @@ class _Server:
             for key, _ in events:
                 if key.fileobj is self.control:
                     self.receive_request()
+                elif key.data == "mapping":
+                    self.free_mapping(key.fd)
                 elif key.fileobj == self.wakeup_r:
                     while True:
                         try:
@@ -240,6 +248,60 @@ class _Server:
             self.tracked[pid] = owned
         return pid, go
 
+    def clone_c(self, flags: int, into: TrackedCgroup | None) -> tuple[int, socket.socket]:
+        """Clone a child of the C executor that waits for its go; return (PID, go socket).
+
+        It shares this process's memory, on a mapping of its own that is
+        freed when its lifetime pipe ends; cloned into its cgroup as `clone`
+        does.
+        """
+        assert self.cexec is not None
+        go, child_go = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        lifetime, child_lifetime = os.pipe2(os.O_CLOEXEC)
+        owned = address = None
+        try:
+            tracking = self.choose_tracking()
+            if into is None and tracking is not None:
+                owned = into = tracking.create()
+            address = self.cexec.map()
+            cgroup = into.open() if into is not None and into.version == 2 else -1
+            try:
+                pid = self.cexec.spawn(flags, cgroup, child_go.fileno(), child_lifetime, address)
+            finally:
+                if cgroup >= 0:
+                    os.close(cgroup)
+            if into is not None and into.version == 1:
+                into.add(pid)  # before its go it runs nothing of its own
+        except BaseException:
+            go.close()
+            os.close(lifetime)
+            if address is not None and "pid" not in locals():
+                self.cexec.unmap(address)
+            if owned is not None:
+                owned.remove()
+            raise
+        finally:
+            child_go.close()
+            os.close(child_lifetime)
+        self.mappings[lifetime] = address
+        self.selector.register(lifetime, selectors.EVENT_READ, "mapping")
+        if owned is not None:
+            self.tracked[pid] = owned
+        return pid, go
+
+    def free_mapping(self, lifetime: int) -> None:
+        """Free a C child's mapping: its lifetime pipe ended (it exec'd, or all on it exited)."""
+        try:
+            if os.read(lifetime, 1):
+                return  # nothing is ever written; end-of-file is the news
+        except BlockingIOError:
+            return
+        self.selector.unregister(lifetime)
+        os.close(lifetime)
+        address = self.mappings.pop(lifetime)
+        assert self.cexec is not None
+        self.cexec.unmap(address)
+
     def prepare_zygote(self, flags: int) -> None:
         """Clone a zygote for `flags` (the server is idle), keeping a few kinds at most."""
         if flags in self.zygotes:
@@ -294,6 +356,31 @@ class _Server:
         in_use = self.base_fds + len(self.status) + len(self.zygotes) + len(self.lingering)
         return soft - in_use < _FD_MARGIN
 
+    def start_child(self, request: SpawnRequest) -> tuple[int, socket.socket]:
+        """Return (PID, go socket) of a child for `request`: a zygote, a clone, or a C child.
+
+        Raises:
+            OSError: as the clone fails; ENOEXEC for a plan of the C
+                executor this server could not load.
+        """
+        flags = request.clone_flags
+        # An excursion starts in the cgroup of the container it enters (as
+        # docker exec does): cloned there, not a zygote moved in, which would
+        # wait for an RCU grace period (see _kernel.clone).
+        into = self.tracked.get(request.cgroup_of) if request.cgroup_of else None
+        if request.executor == "c":
+            if self.cexec is None:
+                raise OSError(
+                    errno.ENOEXEC,
+                    f"the fork server could not load the C executor ({cexec.LIBRARY}); "
+                    "set ASYNCCONTAINER_EXECUTOR=python, or reinstall",
+                )
+            return self.clone_c(flags, into)
+        zygote = None if into is not None else self.take_zygote(flags)
+        if into is None:
+            self.wanted.add(flags)
+        return zygote or self.clone(flags, into)
+
     def spawn(self, request: SpawnRequest, handshake_fd: int, status: socket.socket) -> None:
         if self.short_of_fds():
             error = OSError(
@@ -305,22 +392,12 @@ class _Server:
             self.send(status, SpawnFailed(ExceptionInfo.capture(error)))
             status.close()
             return
-        flags = request.clone_flags
-        # An excursion starts in the cgroup of the container it enters (as
-        # docker exec does): cloned there, not a zygote moved in, which would
-        # wait for an RCU grace period (see _kernel.clone).
-        into = self.tracked.get(request.cgroup_of) if request.cgroup_of else None
-        zygote = None if into is not None else self.take_zygote(flags)
-        if zygote is None:
-            try:
-                zygote = self.clone(flags, into)
-            except OSError as exc:
-                self.send(status, SpawnFailed(ExceptionInfo.capture(exc)))
-                status.close()
-                return
-        if into is None:
-            self.wanted.add(flags)
-        pid, go = zygote
+        try:
+            pid, go = self.start_child(request)
+        except OSError as exc:
+            self.send(status, SpawnFailed(ExceptionInfo.capture(exc)))
+            status.close()
+            return
         self.status[pid] = status
         self.selector.register(status, selectors.EVENT_READ, pid)
         try:

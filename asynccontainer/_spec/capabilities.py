@@ -125,6 +125,15 @@ def capability_numbers(names: Iterable[str]) -> frozenset[int]:
     return frozenset(numbers)
 
 
+def missing_capabilities(mask: int) -> str:
+    """Say that the capabilities of `mask` cannot be kept (the text of a PermissionError)."""
+    names = sorted(capability_name(n) for n in range(64) if mask >> n & 1)
+    return (
+        f"the container cannot keep {', '.join(names)}: its process does not hold "
+        "them (add 'user' to namespaces, or run as root)"
+    )
+
+
 def capability_name(number: int) -> str:
     """Return the name of capability `number` ("CAP_SYS_ADMIN"); "CAP_<number>" past the last."""
     return _NAMES[number] if 0 <= number < len(_NAMES) else f"CAP_{number}"

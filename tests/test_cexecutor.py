@@ -1,0 +1,155 @@
+"""The C executor: chosen when built, its children's mappings freed, the Python one otherwise.
+
+The whole suite runs under both executors (noxfile.py); these are what is
+particular to the C one: its failures say where they came from, the
+memory its CLONE_VM children run on goes back to the server at their exec
+(or at the exit of an init that stays on it), and an install without a
+compiler falls back to Python.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import asynccontainer as ac
+from asynccontainer._core import client as _client
+from asynccontainer._plan import encode
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SYSTEM = ac.HOST_SYSTEM_MAPPINGS
+C = os.environ.get(encode.EXECUTOR_VARIABLE) != "python"
+
+
+def child_mappings() -> int:
+    """Count the fork server's C children's stacks: 1 MiB read-write between guard pages.
+
+    (cexecutor.c's ac_map: guard, plan, guard, stack, guard; the guards keep
+    the kernel from merging the regions with their neighbours.)
+    """
+    server = _client._server
+    assert server is not None
+    regions = []
+    with open(f"/proc/{server.pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            regions.append((start, end, fields[1], len(fields) == 5))
+    count = 0
+    for before, (start, end, mode, anonymous), after in zip(
+        regions, regions[1:], regions[2:], strict=False
+    ):
+        guarded = before[1] == start and after[0] == end and before[2] == after[2] == "---p"
+        count += guarded and anonymous and mode == "rw-p" and end - start == 1 << 20
+    return count // 2  # the plan's room and the stack
+
+
+async def settled(expected: int) -> int:
+    """Wait (5 s at most) until the server holds `expected` child mappings; return the count."""
+    with anyio.move_on_after(5):
+        while child_mappings() != expected:
+            await anyio.sleep(0.005)
+    return child_mappings()
+
+
+async def test_a_failure_says_which_executor_ran_the_step(tmp_path: Path) -> None:
+    mapping = ac.FileSystemMapping(str(tmp_path / "missing"), "/data")
+    with pytest.raises(FileNotFoundError) as info:
+        await ac.call_with_container(["true"], mounts=[*SYSTEM, mapping])
+    notes = "\n".join(info.value.__notes__)
+    assert ("(in the C executor)" in notes) == C, notes
+    assert info.value.filename == str(tmp_path / "missing") or "/data" in str(info.value)
+
+
+async def test_a_childs_mapping_goes_back_to_the_server_at_its_exec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "c")  # in the Python executor's run too
+    assert await ac.call_with_container(["true"], mounts=SYSTEM) == 0
+    before = await settled(0)
+    assert before == 0
+    containers = [await ac.run_container(["sleep", "60"], mounts=SYSTEM) for _ in range(5)]
+    try:
+        # Ready means exec'd: their mappings are freed, while they run.
+        assert await settled(0) == 0
+    finally:
+        for container in containers:
+            await container.stop(grace=0)
+    for _ in range(50):
+        assert await ac.call_with_container(["true"], mounts=SYSTEM) == 0
+    assert await settled(0) == 0
+
+
+async def test_a_container_with_an_init_never_runs_on_the_servers_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An init stays for the container's life: never as a CLONE_VM child of the server.
+
+    With capabilities=None the target holds every capability its init
+    holds, so ptrace's checks let it open /proc/1/mem for writing (the class
+    of runc's CVE-2016-9962): an init on the fork server's own memory would
+    give the container the server. Plans with an init run in the Python
+    executor, whose init is a copy.
+    """
+    monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "c")
+    async with await ac.run_container(
+        ["sleep", "60"], mounts=SYSTEM, child_is_pid1=False, capabilities=None
+    ) as container:
+        assert child_mappings() == 0
+        await container.stop(grace=0)
+
+
+def test_without_a_compiler_the_install_falls_back_to_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build hook finds no compiler: nothing is built, and plans run in Python."""
+    sys.path.insert(0, str(REPOSITORY))
+    try:
+        import hatch_build
+    finally:
+        sys.path.remove(str(REPOSITORY))
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CC", raising=False)
+    (tmp_path / "asynccontainer" / "_forkserver").mkdir(parents=True)
+    assert hatch_build.compiler() is None
+    assert not hatch_build.build(tmp_path)
+    assert not (tmp_path / hatch_build.LIBRARY).exists()
+    monkeypatch.setattr(encode, "LIBRARY", tmp_path / hatch_build.LIBRARY)
+    monkeypatch.delenv(encode.EXECUTOR_VARIABLE, raising=False)
+    assert encode.chosen_executor() == "python"
+    monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "c")
+    with pytest.raises(ValueError, match="the C executor was not built"):
+        encode.chosen_executor()
+
+
+def test_a_bad_executor_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "rust")
+    with pytest.raises(ValueError, match="must be 'c' or 'python', not 'rust'"):
+        encode.chosen_executor()
+
+
+def test_the_build_compiles_the_library_it_loads(tmp_path: Path) -> None:
+    """The hook's compile, from the checkout: the library loads and exports the spawn."""
+    (tmp_path / "asynccontainer" / "_forkserver").mkdir(parents=True)
+    source = REPOSITORY / "asynccontainer" / "_forkserver" / "cexecutor.c"
+    (tmp_path / "asynccontainer" / "_forkserver" / "cexecutor.c").write_bytes(source.read_bytes())
+    script = (
+        "import sys, ctypes; sys.path.insert(0, sys.argv[1]); import hatch_build; "
+        "from pathlib import Path; root = Path(sys.argv[2]); assert hatch_build.build(root); "
+        "lib = ctypes.CDLL(str(root / hatch_build.LIBRARY)); print(lib.ac_spawn.__name__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(REPOSITORY), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ac_spawn" in result.stdout
