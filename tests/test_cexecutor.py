@@ -86,22 +86,45 @@ async def test_a_childs_mapping_goes_back_to_the_server_at_its_exec(
 
 
 async def test_a_container_with_an_init_never_runs_on_the_servers_memory(
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An init stays for the container's life: never as a CLONE_VM child of the server.
+    """An init stays for the container's life: the C executor's is a program exec'd of its own.
 
     With capabilities=None the target holds every capability its init
-    holds, so ptrace's checks let it open /proc/1/mem for writing (the class
-    of runc's CVE-2016-9962): an init on the fork server's own memory would
-    give the container the server. Plans with an init run in the Python
-    executor, whose init is a copy.
+    holds, so ptrace's checks let it open /proc/1/mem (the class of runc's
+    CVE-2016-9962): an init left on the fork server's memory would give the
+    container the server. PID 1 is ac-init, on no mapping of the server's.
     """
     monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "c")
-    async with await ac.run_container(
-        ["sleep", "60"], mounts=SYSTEM, child_is_pid1=False, capabilities=None
-    ) as container:
+    out = tmp_path / "out"
+    with out.open("wb") as file:
+        async with await ac.run_container(
+            ["sh", "-c", "cat /proc/1/comm; exec sleep 60"],
+            mounts=SYSTEM,
+            child_is_pid1=False,
+            capabilities=None,
+            stdout=file,
+        ) as container:
+            with anyio.fail_after(10):
+                while not out.read_text().endswith("\n"):
+                    await anyio.sleep(0.005)
+            assert child_mappings() == 0
+            container.terminate()
+            # The init relays SIGTERM to the target; it exits as 128+15.
+            assert await container.wait() == 143
+    assert out.read_text() == "ac-init\n"
+
+
+async def test_a_services_init_follows_its_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon whose parent exits: the C executor's init stays while any process is left."""
+    monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "c")
+    spec = ac.ServiceSpec(
+        ["sh", "-c", "sleep 60 & echo $! > /var/run/d.pid"], pid_file="/var/run/d.pid"
+    )
+    async with ac.ServiceGroup() as group:
+        service = await group.start(spec)
+        assert service.pid is not None
         assert child_mappings() == 0
-        await container.stop(grace=0)
 
 
 def test_without_a_compiler_the_install_falls_back_to_python(
@@ -135,11 +158,12 @@ def test_a_bad_executor_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
         encode.chosen_executor()
 
 
-def test_the_build_compiles_the_library_it_loads(tmp_path: Path) -> None:
-    """The hook's compile, from the checkout: the library loads and exports the spawn."""
-    (tmp_path / "asynccontainer" / "_forkserver").mkdir(parents=True)
-    source = REPOSITORY / "asynccontainer" / "_forkserver" / "cexecutor.c"
-    (tmp_path / "asynccontainer" / "_forkserver" / "cexecutor.c").write_bytes(source.read_bytes())
+def test_the_build_compiles_the_library_and_the_init_it_loads(tmp_path: Path) -> None:
+    """The hook's compile, from the checkout: the library loads, the init runs as a program."""
+    forkserver = tmp_path / "asynccontainer" / "_forkserver"
+    forkserver.mkdir(parents=True)
+    for source in (REPOSITORY / "asynccontainer" / "_forkserver").glob("*.[ch]"):
+        (forkserver / source.name).write_bytes(source.read_bytes())
     script = (
         "import sys, ctypes; sys.path.insert(0, sys.argv[1]); import hatch_build; "
         "from pathlib import Path; root = Path(sys.argv[2]); assert hatch_build.build(root); "
@@ -153,3 +177,10 @@ def test_the_build_compiles_the_library_it_loads(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ac_spawn" in result.stdout
+    # Static, without libc: it follows a child and exits with its status.
+    init = forkserver / "_acinit"
+    follow = subprocess.run(["sh", "-c", f'sh -c "exit 5" & exec {init} $!'], check=False)
+    assert follow.returncode == 5
+    # No program interpreter named: nothing of the host's libc is needed.
+    assert init.read_bytes()[:4] == b"\x7fELF"
+    assert b"ld-linux" not in init.read_bytes()

@@ -544,6 +544,24 @@ async def await_ready(
         The exception its set-up or exec raised (after reaping it), or
         ContainerError if it died without a word.
     """
+    root: list[int | None] = [None]
+    try:
+        return await _await_ready(container, handshake, plan, root)
+    except BaseException:
+        # Cancelled after the root came, while the exec's end-of-file was
+        # awaited: the fd is nobody's.
+        if root[0] is not None:
+            os.close(root[0])
+        raise
+
+
+async def _await_ready(
+    container: Container,
+    handshake: AsyncFrameChannel,
+    plan: ContainerPlan | None,
+    held: list[int | None],
+) -> int | None:
+    """`await_ready`'s loop; the root's fd, once received, is kept in `held[0]`."""
     execing = False
     root: int | None = None
     while True:
@@ -552,7 +570,7 @@ async def await_ready(
         for fd in received:
             # The container's root, sent with its ready reply (send_root).
             if root is None and isinstance(reply, Ready | Execing):
-                root = fd
+                root = held[0] = fd
             else:
                 os.close(fd)
         if reply is None:
@@ -577,6 +595,7 @@ async def await_ready(
         elif isinstance(reply, StepFailed | SetupFailed):
             if root is not None:
                 os.close(root)
+                held[0] = None
             await container.wait()
             raise rebuild_failure(reply, plan)
         else:

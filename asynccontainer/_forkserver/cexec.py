@@ -17,16 +17,22 @@ __all__ = ["CExecutor", "load"]
 
 # The shared library the build hook (hatch_build.py) compiles next to this file.
 LIBRARY = Path(__file__).with_name("_cexecutor.so")
+# The init program of containers with one (acinit.c), built beside it.
+INIT = Path(__file__).with_name("_acinit")
 
 
 class CExecutor:
     """The loaded library."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, init: int) -> None:
+        # Opened once (O_PATH, close-on-exec), before any container: each
+        # child execs its init from this fd, after its root has changed.
+        self.init = init
         self._spawn = library.ac_spawn
         self._spawn.restype = ctypes.c_long
         self._spawn.argtypes = [
             ctypes.c_uint64,
+            ctypes.c_int,
             ctypes.c_int,
             ctypes.c_int,
             ctypes.c_int,
@@ -62,7 +68,7 @@ class CExecutor:
         Raises:
             OSError: as clone3(2) fails (EPERM, ENOSPC, EINVAL ...).
         """
-        pid = int(self._spawn(flags, cgroup, go, lifetime, address))
+        pid = int(self._spawn(flags, cgroup, go, lifetime, self.init, address))
         if pid < 0:
             # As _kernel.clone words it.
             raise OSError(-pid, f"clone: {os.strerror(-pid)}")
@@ -72,6 +78,11 @@ class CExecutor:
 def load() -> CExecutor | None:
     """Return the C executor, or None where it was not built (no compiler at install)."""
     try:
-        return CExecutor(ctypes.CDLL(str(LIBRARY)))
+        library = ctypes.CDLL(str(LIBRARY))
     except OSError:
         return None
+    try:
+        init = os.open(INIT, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        init = -1  # plans with an init are not sent here (`_plan.encode`)
+    return CExecutor(library, init)

@@ -27,200 +27,7 @@
  * the last process sharing the mapping: an init forked off stays on it).
  */
 
-#define _GNU_SOURCE
-#include <stddef.h>
-#include <stdint.h>
-#include <sys/syscall.h>
-#include <linux/sched.h>
-#include <linux/types.h>
-
-/* ---- raw system calls ------------------------------------------------- */
-
-#if defined(__x86_64__)
-static inline long sc6(long n, long a, long b, long c, long d, long e, long f)
-{
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    long ret;
-    __asm__ __volatile__("syscall"
-                         : "=a"(ret)
-                         : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                         : "rcx", "r11", "memory");
-    return ret;
-}
-#elif defined(__aarch64__)
-static inline long sc6(long n, long a, long b, long c, long d, long e, long f)
-{
-    register long x8 __asm__("x8") = n;
-    register long x0 __asm__("x0") = a;
-    register long x1 __asm__("x1") = b;
-    register long x2 __asm__("x2") = c;
-    register long x3 __asm__("x3") = d;
-    register long x4 __asm__("x4") = e;
-    register long x5 __asm__("x5") = f;
-    __asm__ __volatile__("svc 0"
-                         : "+r"(x0)
-                         : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
-                         : "memory");
-    return x0;
-}
-#else
-#error "the C executor supports x86_64 and aarch64; the Python executor runs elsewhere"
-#endif
-
-#define S0(n) sc6((n), 0, 0, 0, 0, 0, 0)
-#define S1(n, a) sc6((n), (long)(a), 0, 0, 0, 0, 0)
-#define S2(n, a, b) sc6((n), (long)(a), (long)(b), 0, 0, 0, 0)
-#define S3(n, a, b, c) sc6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
-#define S4(n, a, b, c, d) sc6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
-#define S5(n, a, b, c, d, e) sc6((n), (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
-
-/* Constants from the kernel's uapi headers, spelt out: the child includes
- * no libc header that could pull in a function it must not call. */
-#define AT_FDCWD_ -100
-#define O_RDONLY_ 0
-#define O_WRONLY_ 01
-#define O_CREAT_ 0100
-#define O_EXCL_ 0200
-#define O_NOFOLLOW_ 0400000
-#define O_DIRECTORY_ 0200000
-#define O_CLOEXEC_ 02000000
-#define O_PATH_ 010000000
-#define F_DUPFD_CLOEXEC_ 1030
-#define AT_EMPTY_PATH_ 0x1000
-#define AT_RECURSIVE_ 0x8000
-#define AT_SYMLINK_NOFOLLOW_ 0x100
-#define OPEN_TREE_CLONE_ 1
-#define MOVE_MOUNT_F_EMPTY_PATH_ 0x04
-#define MOVE_MOUNT_T_EMPTY_PATH_ 0x40
-#define FSOPEN_CLOEXEC_ 1
-#define FSMOUNT_CLOEXEC_ 1
-#define FSCONFIG_SET_FLAG_ 0
-#define FSCONFIG_SET_STRING_ 1
-#define FSCONFIG_CMD_CREATE_ 6
-#define MOUNT_ATTR_RDONLY_ 0x1
-#define MOUNT_ATTR_NOSUID_ 0x2
-#define MOUNT_ATTR_NODEV_ 0x4
-#define MOUNT_ATTR_NOEXEC_ 0x8
-#define MS_REC_ 16384
-#define MS_PRIVATE_ (1 << 18)
-#define MNT_DETACH_ 2
-#define RESOLVE_NO_MAGICLINKS_ 0x02
-#define RESOLVE_NO_SYMLINKS_ 0x04
-#define RESOLVE_BENEATH_ 0x08
-#define RESOLVE_IN_ROOT_ 0x10
-#define S_IFMT_ 0170000
-#define S_IFDIR_ 0040000
-#define S_IFREG_ 0100000
-#define S_IFLNK_ 0120000
-#define PR_SET_PDEATHSIG_ 1
-#define PR_SET_NAME_ 15
-#define PR_SET_KEEPCAPS_ 8
-#define PR_CAPBSET_READ_ 23
-#define PR_CAPBSET_DROP_ 24
-#define PR_SET_NO_NEW_PRIVS_ 38
-#define PR_CAP_AMBIENT_ 47
-#define PR_CAP_AMBIENT_RAISE_ 2
-#define PR_CAP_AMBIENT_CLEAR_ALL_ 4
-#define PR_SET_SECCOMP_ 22
-#define SECCOMP_MODE_FILTER_ 2
-#define SIGKILL_ 9
-#define SIGSTOP_ 19
-#define SIGCHLD_ 17
-#define SIG_BLOCK_ 0
-#define SIG_SETMASK_ 2
-#define SCM_RIGHTS_ 1
-#define SOL_SOCKET_ 1
-#define MSG_CMSG_CLOEXEC_ 0x40000000
-#define TIOCSCTTY_ 0x540E
-#define SIOCGIFFLAGS_ 0x8913
-#define SIOCSIFFLAGS_ 0x8914
-#define AF_INET_ 2
-#define SOCK_DGRAM_ 2
-#define SOCK_CLOEXEC_ 02000000
-#define WNOHANG_ 1
-#define CLONE_NEWUSER_ 0x10000000
-#define CLONE_NEWNS_ 0x00020000
-#define ENOENT_ 2
-#define EINTR_ 4
-#define ENOEXEC_ 8
-#define EACCES_ 13
-#define EEXIST_ 17
-#define ENOTDIR_ 20
-#define EISDIR_ 21
-#define EINVAL_ 22
-#define ELOOP_ 40
-#define EPERM_ 1
-#define E2BIG_ 7
-#define EMSGSIZE_ 90
-
-/* Exit statuses, as the Python executor's (target.py). */
-#define EXIT_PARENT_DIED 2
-#define EXIT_SETUP_FAILED 3
-#define EXIT_EXEC_FAILED 127
-
-struct open_how_ {
-    uint64_t flags, mode, resolve;
-};
-struct mount_attr_ {
-    uint64_t attr_set, attr_clr, propagation, userns_fd;
-};
-struct iovec_ {
-    void *base;
-    size_t len;
-};
-struct msghdr_ {
-    void *name;
-    int namelen;
-    struct iovec_ *iov;
-    size_t iovlen;
-    void *control;
-    size_t controllen;
-    int flags;
-};
-struct cmsghdr_ {
-    size_t len;
-    int level;
-    int type;
-};
-struct sigaction_ {
-    void *handler;
-    unsigned long flags;
-    void *restorer;
-    uint64_t mask;
-};
-struct stat_ { /* only st_mode is read: at offset 24 on x86_64, 16 on aarch64 */
-    unsigned char bytes[256];
-};
-struct sock_fprog_ {
-    unsigned short len;
-    void *filter;
-};
-struct rlimit_ {
-    uint64_t soft, hard;
-};
-struct cap_header_ {
-    uint32_t version;
-    int pid;
-};
-struct cap_data_ {
-    uint32_t effective, permitted, inheritable;
-};
-struct ifreq_ {
-    char name[16];
-    short flags;
-    char pad[22];
-};
-
-static inline unsigned st_mode_of(const struct stat_ *st)
-{
-#if defined(__x86_64__)
-    return *(const unsigned *)(st->bytes + 24);
-#else
-    return *(const unsigned *)(st->bytes + 16);
-#endif
-}
+#include "cexec_sys.h"
 
 /* ---- helpers the compiler must not turn into libc calls --------------- */
 
@@ -265,6 +72,7 @@ struct step {
 
 struct state {
     int handshake;
+    int init; /* the init program, opened O_PATH by the server, or -1 */
     int root;
     int received[MAX_RECEIVED];
     int nreceived;
@@ -566,7 +374,6 @@ static long keep(struct state *st, int64_t slot, long fd, long r)
     return r < 0 ? r : 0;
 }
 
-static void init_loop(int target);
 
 static long run_step(struct state *st, const struct step *s)
 {
@@ -789,20 +596,30 @@ static long run_step(struct state *st, const struct step *s)
         st->nreceived = 0;
         return 0;
     case OP_START_INIT: { /* follow_child, new_session */
+        if (st->init < 0)
+            return -ENOEXEC_;
         if (n[1]) {
             r = S0(SYS_setsid);
             if (r < 0)
                 return r;
         }
-        /* A plain fork: the child gets a copy of the memory and goes on;
-         * this process stays PID 1, on the shared memory, running no more
-         * than the loop below. */
+        /* A plain fork: the child gets a copy of the memory and goes on
+         * with the steps. This process stays PID 1 for the container's
+         * life, so it may not stay on the server's memory (a target holding
+         * its capabilities could write it through /proc/1/mem, the class of
+         * CVE-2016-9962): it execs the init program (acinit.c), opened on
+         * the host before the root changed, which replaces its memory. */
         long child = S5(SYS_clone, SIGCHLD_, 0, 0, 0, 0);
         if (child < 0)
             return child;
         if (child > 0) {
+            char number[24], *end = decimal(number, n[0] ? (uint64_t)child : 0);
+            *end = 0;
+            const char *argv[] = {"ac-init", number, 0};
+            const char *envp[] = {0};
             S1(SYS_close, st->handshake);
-            init_loop(n[0] ? (int)child : 0);
+            S5(SYS_execveat, st->init, "", argv, envp, AT_EMPTY_PATH_);
+            S1(SYS_exit_group, EXIT_SETUP_FAILED); /* its namespace dies with it */
         }
         return 0;
     }
@@ -894,59 +711,6 @@ static long run_step(struct state *st, const struct step *s)
         return exec_step(st, s);
     }
     return -EINVAL_;
-}
-
-/* ---- the init, PID 1 of a pid namespace (init.py's, in C) ------------- */
-
-/* With a signalfd, not handlers: every container's init shares the fork
- * server's memory, so no global may say whom to relay to. */
-static void init_loop(int target)
-{
-    uint64_t relayed = 0;
-    static const int signals[] = {15, 2, 1, 10, 12, 3}; /* TERM INT HUP USR1 USR2 QUIT */
-    for (unsigned i = 0; i < sizeof signals / sizeof *signals; i++)
-        relayed |= 1ull << (signals[i] - 1);
-    uint64_t mask = relayed | 1ull << (SIGCHLD_ - 1);
-    S4(SYS_rt_sigprocmask, SIG_BLOCK_, &mask, 0, 8);
-    long sfd = S4(SYS_signalfd4, -1, &mask, 8, O_CLOEXEC_);
-    if (sfd < 0)
-        S1(SYS_exit_group, EXIT_SETUP_FAILED);
-    int last = 0, done = 0;
-    while (!done) {
-        uint32_t info[32]; /* struct signalfd_siginfo: 128 bytes, ssi_signo first */
-        long got = S3(SYS_read, sfd, info, sizeof info);
-        if (got == -EINTR_)
-            continue;
-        if (got < (long)sizeof info)
-            break;
-        if (info[0] != SIGCHLD_) {
-            S2(SYS_kill, target ? target : -1, info[0]);
-            continue;
-        }
-        for (;;) {
-            int status = 0;
-            long pid = S4(SYS_wait4, -1, &status, WNOHANG_, 0);
-            if (pid == 0)
-                break;
-            if (pid < 0) {
-                done = 1; /* no child left */
-                break;
-            }
-            if (!target || pid == target) {
-                last = status;
-                if (pid == target) {
-                    done = 1;
-                    break;
-                }
-            }
-        }
-    }
-    int code;
-    if ((last & 0x7f) && (last & 0x7f) != 0x7f)
-        code = 128 + (last & 0x7f); /* PID 1 cannot die of a signal it sends itself */
-    else
-        code = (last >> 8) & 0xff;
-    S1(SYS_exit_group, code);
 }
 
 /* ---- exec, as os.execvpe does it -------------------------------------- */
@@ -1041,6 +805,7 @@ static long exec_step(struct state *st, const struct step *s)
 struct child_args {
     int go;
     int lifetime;
+    int init;
     char *plan;      /* the lower part of the mapping, for the plan */
     size_t plan_room;
 };
@@ -1094,13 +859,24 @@ static int child_main(struct child_args *args)
     S4(SYS_rt_sigprocmask, SIG_SETMASK_, &none, 0, 8);
     /* 2. Die with the server; keep only the go socket and the lifetime pipe. */
     S2(SYS_prctl, PR_SET_PDEATHSIG_, SIGKILL_);
-    int keep_low = args->go < args->lifetime ? args->go : args->lifetime;
-    int keep_high = args->go < args->lifetime ? args->lifetime : args->go;
-    if (keep_low > 3)
-        S3(SYS_close_range, 3, keep_low - 1, 0);
-    if (keep_high > keep_low + 1)
-        S3(SYS_close_range, keep_low + 1, keep_high - 1, 0);
-    S3(SYS_close_range, keep_high + 1, ~0U, 0);
+    /* The fds kept, in order: every other one above 2 is closed. */
+    int keep[3] = {args->go, args->lifetime, args->init};
+    for (int i = 0; i < 3; i++)
+        for (int j = i + 1; j < 3; j++)
+            if (keep[j] < keep[i]) {
+                int t = keep[i];
+                keep[i] = keep[j];
+                keep[j] = t;
+            }
+    long low = 3;
+    for (int i = 0; i < 3; i++) {
+        if (keep[i] < low)
+            continue;
+        if (keep[i] > low)
+            S3(SYS_close_range, low, keep[i] - 1, 0);
+        low = keep[i] + 1;
+    }
+    S3(SYS_close_range, low, ~0U, 0);
     S2(SYS_prctl, PR_SET_NAME_, "ac-container");
 
     /* 3. The go, with the handshake socket. */
@@ -1120,6 +896,7 @@ static int child_main(struct child_args *args)
     int handshake;
     copy(&handshake, control.space + sizeof(struct cmsghdr_), sizeof handshake);
     st.handshake = handshake;
+    st.init = args->init;
     st.root = -1;
     st.nreceived = 0;
     st.kept = 0;
@@ -1301,16 +1078,18 @@ void ac_unmap(long base)
 /*
  * Clone a container child onto the mapping at `base` (of ac_map; the caller
  * frees it with ac_unmap once `lifetime`'s read end sees end-of-file).
- * `flags`: CLONE_NEW* (and no exit signal: SIGCHLD is set here);
+ * `flags`: CLONE_NEW* (and no exit signal: SIGCHLD is set here); `init`:
+ * the init program (acinit.c) opened O_PATH | O_CLOEXEC, or -1;
  * `cgroup`: a cgroup v2 directory's fd, or -1. Returns the PID, or -errno.
  */
-long ac_spawn(uint64_t flags, int cgroup, int go, int lifetime, long base)
+long ac_spawn(uint64_t flags, int cgroup, int go, int lifetime, int init, long base)
 {
     char *mapping = (char *)base;
     char *stack = mapping + PAGE + PLAN_ROOM + PAGE;
     struct child_args *args = (struct child_args *)(stack + STACK_ROOM - 64);
     args->go = go;
     args->lifetime = lifetime;
+    args->init = init;
     args->plan = mapping + PAGE;
     args->plan_room = PLAN_ROOM;
     struct clone_args_ clone_args = {0};

@@ -21,12 +21,21 @@ from typing import Any
 
 from . import steps
 
-__all__ = ["EXECUTOR_VARIABLE", "LIBRARY", "MAGIC", "PLAN_ROOM", "chosen_executor", "encode"]
+__all__ = [
+    "EXECUTOR_VARIABLE",
+    "INIT",
+    "LIBRARY",
+    "MAGIC",
+    "PLAN_ROOM",
+    "chosen_executor",
+    "encode",
+]
 
 # The shared library of the C executor, which the build compiles next to
 # the fork server's modules (hatch_build.py), and the room a child has for
 # its plan (cexecutor.c's PLAN_ROOM).
 LIBRARY = Path(__file__).resolve().parent.parent / "_forkserver" / "_cexecutor.so"
+INIT = LIBRARY.with_name("_acinit")
 PLAN_ROOM = 1 << 20
 
 # "python" runs every plan in the Python executor (the test suite runs
@@ -106,7 +115,7 @@ _ENCODERS: dict[type[steps.Step], tuple[int, Callable[[Any], Fields]]] = {
     steps.LockMounts: (21, lambda s: ([s.proc_slot], [])),
     steps.Chdir: (22, lambda s: ([], [s.target])),
     steps.InstallPassedFds: (23, lambda s: (list(s.numbers), [])),
-    # StartInit (24) is not sent: see `encode`.
+    steps.StartInit: (24, lambda s: ([int(s.follow_child), int(s.new_session)], [])),
     steps.LimitBoundingSet: (
         25,
         lambda s: ([_mask(s.keep), int(s.required), int(s.keep_across_setuid)], []),
@@ -128,12 +137,11 @@ _MAX_SLOTS = 256
 
 
 def _encode_step(step: steps.Step) -> bytes | None:
-    # An init would stay, for the container's whole life, a process of the
-    # container on the fork server's own memory (CLONE_VM): a target that
-    # holds the init's capabilities (capabilities=None) could write that
-    # memory through /proc/1/mem, the class of runc's CVE-2016-9962. Until
-    # the init is a program exec'd of its own, plans with one run in Python,
-    # where it is a copy.
+    # An init stays in the container for its whole life: the C executor
+    # execs it as a program of its own (acinit.c), never leaving it on the
+    # fork server's memory. Without that program, the plan runs in Python.
+    if isinstance(step, steps.StartInit) and not INIT.exists():
+        return None
     encoder = _ENCODERS.get(type(step))
     if encoder is None:
         return None
@@ -152,8 +160,8 @@ def _encode_step(step: steps.Step) -> bytes | None:
 def encode(plan: steps.ContainerPlan, room: int) -> bytes | None:
     """Return the plan as the C executor reads it, or None if it cannot run it.
 
-    None for a step it lacks (a callable target, a populate hook, an init:
-    see `_encode_step`), for more
+    None for a step it lacks (a callable target, a populate hook; an init
+    when its program was not built), for more
     fields than it holds, or for a plan larger than `room` bytes.
     """
     parts = []
