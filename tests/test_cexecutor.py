@@ -184,3 +184,26 @@ def test_the_build_compiles_the_library_and_the_init_it_loads(tmp_path: Path) ->
     # No program interpreter named: nothing of the host's libc is needed.
     assert init.read_bytes()[:4] == b"\x7fELF"
     assert b"ld-linux" not in init.read_bytes()
+
+
+async def test_a_command_excursion_runs_in_c_from_outside_the_pid_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enter program joins, forks, and waits outside: inside, the command's parent is 0.
+
+    The waiting process holds the caller's handshake; it is not dumpable and
+    not in the container's pid namespace, so nothing inside can reach it.
+    A failing command is named, with where it failed.
+    """
+    monkeypatch.setenv(encode.EXECUTOR_VARIABLE, "c")
+    out = tmp_path / "out"
+    async with await ac.run_container(["sleep", "60"], mounts=SYSTEM) as box:
+        with out.open("wb") as file:
+            command = ["sh", "-c", "grep ^PPid: /proc/$$/status; exit 7"]
+            assert await ac.container_excursion(box, command, stdout=file) == 7
+        with pytest.raises(FileNotFoundError) as info:
+            await ac.container_excursion(box, ["no-such-command"])
+        assert info.value.filename == "no-such-command"
+        assert "(in the C executor)" in "\n".join(info.value.__notes__)
+        await box.stop(grace=0)
+    assert out.read_text().split() == ["PPid:", "0"]

@@ -16,10 +16,13 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
 
+import attrs
+
 from .. import _kernel
 from .._errors import ContainerError
+from .._plan import encode
 from .._plan.build import check_command, pickle_callable
-from .._plan.steps import ExcursionPlan
+from .._plan.steps import ContainerPlan, ExcursionPlan
 from .._spec.checks import environment
 from .._wire import ExcursionSetup, Raised, Returned, SetupFailed, SpawnRequest, decode_value
 from .client import AsyncFrameChannel, rebuild_exception
@@ -83,7 +86,12 @@ async def _start(
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
-) -> tuple[Container, AsyncFrameChannel]:
+) -> tuple[Container, AsyncFrameChannel, ContainerPlan | None]:
+    """Start the excursion process; return it, its handshake, and the steps its errors name.
+
+    A command runs in the C executor where it was built (the plan then
+    names the join and the exec, for `await_ready`).
+    """
     pidfd, opened = _target_pidfd(pid_or_container)
     stdio = _StdioFds()
     try:
@@ -96,7 +104,14 @@ async def _start(
             pid_or_container.pid if isinstance(pid_or_container, Container) else pid_or_container
         )
         request = SpawnRequest(clone_flags=0, id_map=None, cgroup_of=target_pid)
-        return await start_process(request, ExcursionSetup(config), [*stdio.fds, pidfd])
+        setup: object = ExcursionSetup(config)
+        named = None
+        encoded = encode.excursion(config, target_pid) if encode.chosen_executor() == "c" else None
+        if encoded is not None:
+            setup, named = encoded
+            request = attrs.evolve(request, executor="c")
+        process, handshake = await start_process(request, setup, [*stdio.fds, pidfd])
+        return process, handshake, named
     finally:
         stdio.close()
         if opened:
@@ -143,10 +158,10 @@ async def container_excursion(
     propagates.
     """
     config = _config(target, env, want_value=False)
-    process, handshake = await _start(pid_or_container, config, stdin, stdout, stderr)
+    process, handshake, named = await _start(pid_or_container, config, stdin, stdout, stderr)
     async with process:
         try:
-            await await_ready(process, handshake)
+            await await_ready(process, handshake, named)
         finally:
             handshake.close()
         return await process.wait()
@@ -205,7 +220,7 @@ async def container_excursion_value(
     if not isinstance(trusted, bool):
         raise TypeError(f"trusted must be True or False, not {trusted!r}")
     config = _config(fn, env, want_value=True)
-    process, handshake = await _start(pid_or_container, config, stdin, stdout, stderr)
+    process, handshake, _ = await _start(pid_or_container, config, stdin, stdout, stderr)
     async with process:
         try:
             while True:

@@ -86,15 +86,122 @@ void *memcpy(void *to, const void *from, unsigned long n)
     return to;
 }
 
+static long number(const char *c)
+{
+    long n = 0;
+    for (; *c >= '0' && *c <= '9'; c++)
+        n = n * 10 + (*c - '0');
+    return n;
+}
+
+/* The namespaces an excursion joins, user first (setns(2) applies them in a
+ * safe order; the list only says which differ from this process's). */
+static const struct {
+    const char *name;
+    long flag;
+} namespaces[] = {
+    {"user", 0x10000000}, {"cgroup", 0x02000000}, {"ipc", 0x08000000}, {"uts", 0x04000000},
+    {"net", 0x40000000},  {"pid", 0x20000000},    {"mnt", 0x00020000},
+};
+
+static int same_namespace(const char *pid, const char *name)
+{
+    char theirs[64], mine[64], *p = theirs;
+    const char *parts[] = {"/proc/", pid, "/ns/", name};
+    for (unsigned i = 0; i < 4; i++)
+        for (const char *c = parts[i]; *c; c++)
+            *p++ = *c;
+    *p = 0;
+    p = mine;
+    const char *own[] = {"/proc/self/ns/", name};
+    for (unsigned i = 0; i < 2; i++)
+        for (const char *c = own[i]; *c; c++)
+            *p++ = *c;
+    *p = 0;
+    struct stat_ a, b;
+    if (S4(SYS_newfstatat, AT_FDCWD_, theirs, &a, 0) < 0 || S4(SYS_newfstatat, AT_FDCWD_, mine, &b, 0) < 0)
+        return 0;
+    /* st_dev then st_ino lead struct stat on x86_64 and aarch64 alike. */
+    const uint64_t *x = (const uint64_t *)a.bytes, *y = (const uint64_t *)b.bytes;
+    return x[0] == y[0] && x[1] == y[1];
+}
+
+/* ac-enter PID HANDSHAKE PIDFD COMMAND...: an excursion (Guix's
+ * container-excursion) into the namespaces of PID, as the Python
+ * executor's excursion.py does, for a command: join with one
+ * setns(pidfd, flags), chdir to "/", fork (a new pid namespace applies to
+ * children only), report "execing" and exec there; exit as the command. */
+static int enter(long argc, char **argv, char **envp)
+{
+    /* Not dumpable: in the target's user namespace its processes hold
+     * CAP_SYS_PTRACE there; a non-dumpable process may only be traced with
+     * the capability in its memory's namespace, the host's (ptrace(2)). */
+    S2(SYS_prctl, 4 /* PR_SET_DUMPABLE */, 0);
+    S2(SYS_prctl, PR_SET_NAME_, "ac-excursion");
+    if (argc < 5)
+        return EXIT_SETUP_FAILED;
+    int handshake = (int)number(argv[2]), pidfd = (int)number(argv[3]);
+    long flags = 0;
+    for (unsigned i = 0; i < sizeof namespaces / sizeof *namespaces; i++)
+        if (!same_namespace(argv[1], namespaces[i].name))
+            flags |= namespaces[i].flag;
+    long r = flags ? S2(SYS_setns, pidfd, flags) : 0;
+    if (r >= 0)
+        r = S1(SYS_chdir, "/");
+    if (r < 0) {
+        ac_report_failure(handshake, 0, r, 0);
+        return EXIT_SETUP_FAILED;
+    }
+    S1(SYS_close, pidfd);
+    long child = S5(SYS_clone, SIGCHLD_, 0, 0, 0, 0);
+    if (child < 0) {
+        ac_report_failure(handshake, 0, child, 0);
+        return EXIT_SETUP_FAILED;
+    }
+    if (child == 0) {
+        S2(SYS_prctl, PR_SET_PDEATHSIG_, SIGKILL_);
+        S3(SYS_fcntl, handshake, 2 /* F_SETFD */, 1 /* FD_CLOEXEC */);
+        uint32_t nenv = 0;
+        while (envp[nenv])
+            nenv++;
+        ac_report_exec(handshake, -1);
+        long error = exec_path((const char *const *)argv + 4, (const char *const *)envp, nenv);
+        ac_report_failure(handshake, 1, error, 0);
+        S1(SYS_exit_group, 127);
+    }
+    S1(SYS_close, handshake);
+    int status = 0;
+    long got;
+    do
+        got = S4(SYS_wait4, child, &status, 0, 0);
+    while (got == -EINTR_);
+    if (got < 0)
+        return EXIT_SETUP_FAILED;
+    int sig = status & 0x7f;
+    if (sig && sig != 0x7f) {
+        /* Die of the same signal, so the caller sees -N (os.waitstatus_to_exitcode). */
+        struct sigaction_ action = {0, 0, 0, 0};
+        S4(SYS_rt_sigaction, sig, &action, 0, 8);
+        uint64_t mask = 0;
+        S4(SYS_rt_sigprocmask, SIG_SETMASK_, &mask, 0, 8);
+        S2(SYS_kill, S0(SYS_getpid), sig);
+        return 128 + sig;
+    }
+    return (status >> 8) & 0xff;
+}
+
 int ac_init_main(long argc, char **argv)
 {
-    /* Named as the Python executor's init is not: "_acinit" is its file's. */
+    char **envp = argv + argc + 1;
+    const char *name = argc > 0 ? argv[0] : "";
+    const char *enter_name = "ac-enter";
+    while (*name && *name == *enter_name)
+        name++, enter_name++;
+    if (!*name && !*enter_name)
+        return enter(argc, argv, envp);
+    /* Named as the Python executor's init is: "_acinit" is its file's. */
     S2(SYS_prctl, PR_SET_NAME_, "ac-init");
-    long target = 0;
-    if (argc > 1)
-        for (const char *c = argv[1]; *c >= '0' && *c <= '9'; c++)
-            target = target * 10 + (*c - '0');
-    init_loop((int)target);
+    init_loop(argc > 1 ? (int)number(argv[1]) : 0);
     return 0;
 }
 

@@ -202,4 +202,101 @@ static inline unsigned st_mode_of(const struct stat_ *st)
 #endif
 }
 
+
+/* ---- helpers shared by the executor and the init/enter program --------- */
+
+static inline size_t ac_length(const char *s)
+{
+    size_t n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+static inline void ac_copy(void *to, const void *from, size_t n)
+{
+    volatile unsigned char *t = to;
+    const unsigned char *f = from;
+    while (n--)
+        *t++ = *f++;
+}
+
+/* execve `argv` as os.execvpe does: a name without a slash is looked up
+ * on the PATH of `envp` (or os.defpath); returns the error to report: the
+ * first that is not ENOENT or ENOTDIR, else the last. */
+static long exec_path(const char *const *argv, const char *const *envp, uint32_t nenv)
+{
+    const char *file = argv[0];
+    for (const char *c = file; *c; c++)
+        if (*c == '/')
+            return S3(SYS_execve, file, argv, envp);
+    const char *path = "/bin:/usr/bin"; /* os.defpath */
+    for (uint32_t i = 0; i < nenv; i++)
+        if (envp[i][0] == 'P' && envp[i][1] == 'A' && envp[i][2] == 'T' && envp[i][3] == 'H' && envp[i][4] == '=')
+            path = envp[i] + 5;
+    long saved = 0, last = -ENOENT_;
+    char candidate[4096];
+    size_t flen = ac_length(file);
+    const char *p = path;
+    for (;;) {
+        const char *end = p;
+        while (*end && *end != ':')
+            end++;
+        size_t dlen = (size_t)(end - p);
+        if (dlen + 1 + flen + 1 <= sizeof candidate) {
+            size_t k = 0;
+            if (dlen == 0)
+                candidate[k++] = '.';
+            else {
+                ac_copy(candidate, p, dlen);
+                k = dlen;
+            }
+            candidate[k++] = '/';
+            ac_copy(candidate + k, file, flen + 1);
+            last = S3(SYS_execve, candidate, argv, envp);
+            if (last != -ENOENT_ && last != -ENOTDIR_ && !saved)
+                saved = last;
+        }
+        if (!*end)
+            break;
+        p = end + 1;
+    }
+    return saved ? saved : last;
+}
+
+/* Report a failing step to the caller: a frame of _wire's (a big-endian
+ * length, a count of fds) holding "ACF1", the index, the errno, a detail. */
+static inline void ac_report_failure(int handshake, int32_t index, long error, int64_t detail)
+{
+    unsigned char record[5 + 20] = {0, 0, 0, 20, 0, 'A', 'C', 'F', '1'};
+    int32_t error32 = (int32_t)-error;
+    ac_copy(record + 9, &index, 4);
+    ac_copy(record + 13, &error32, 4);
+    ac_copy(record + 17, &detail, 8);
+    struct iovec_ iov = {record, sizeof record};
+    struct msghdr_ message = {0, 0, &iov, 1, 0, 0, 0};
+    S3(SYS_sendmsg, handshake, &message, 0x4000 /* MSG_NOSIGNAL */);
+}
+
+/* Report "execing" ("ACX1"), with the root's fd if `root` is one. */
+static inline void ac_report_exec(int handshake, int root)
+{
+    char record[9] = {0, 0, 0, 4, (char)(root >= 0 ? 1 : 0), 'A', 'C', 'X', '1'};
+    struct iovec_ iov = {record, sizeof record};
+    union {
+        struct cmsghdr_ header;
+        char space[sizeof(struct cmsghdr_) + 8];
+    } control;
+    struct msghdr_ message = {0, 0, &iov, 1, 0, 0, 0};
+    if (root >= 0) {
+        control.header.len = sizeof(struct cmsghdr_) + sizeof(int);
+        control.header.level = SOL_SOCKET_;
+        control.header.type = SCM_RIGHTS_;
+        ac_copy(control.space + sizeof(struct cmsghdr_), &root, sizeof root);
+        message.control = &control;
+        message.controllen = sizeof(struct cmsghdr_) + 8;
+    }
+    S3(SYS_sendmsg, handshake, &message, 0x4000 /* MSG_NOSIGNAL */);
+}
+
 #endif

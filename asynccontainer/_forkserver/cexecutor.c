@@ -116,6 +116,7 @@ enum op {
     OP_KEEP_CAPABILITIES,
     OP_LOAD_SECCOMP,
     OP_EXEC,
+    OP_ENTER,
 };
 
 /* Every step returns 0 or a negative errno. */
@@ -363,6 +364,7 @@ static long capset3(uint64_t kept)
 }
 
 static long exec_step(struct state *st, const struct step *s);
+static long enter_step(struct state *st, const struct step *s);
 
 /* Put `fd` in a slot if its checks passed (`r` is 0), else close it; return `r`. */
 static long keep(struct state *st, int64_t slot, long fd, long r)
@@ -709,6 +711,8 @@ static long run_step(struct state *st, const struct step *s)
     }
     case OP_EXEC:
         return exec_step(st, s);
+    case OP_ENTER:
+        return enter_step(st, s);
     }
     return -EINVAL_;
 }
@@ -737,67 +741,61 @@ static long exec_step(struct state *st, const struct step *s)
             st->slots[i] = -1;
         }
     /* "execing": the caller waits for the handshake's end-of-file next. */
-    /* A frame of _wire's (a big-endian length, a count of fds), "ACX1". */
-    char record[9] = {0, 0, 0, 4, (char)(send_root ? 1 : 0), 'A', 'C', 'X', '1'};
-    struct iovec_ iov = {record, sizeof record};
-    union {
-        struct cmsghdr_ header;
-        char space[sizeof(struct cmsghdr_) + 8];
-    } control;
-    struct msghdr_ message = {0, 0, &iov, 1, 0, 0, 0};
     long root = -1;
     if (send_root) {
         root = S3(SYS_openat, AT_FDCWD_, "/", O_PATH_ | O_DIRECTORY_ | O_CLOEXEC_);
         if (root < 0)
             return root;
-        control.header.len = sizeof(struct cmsghdr_) + sizeof(int);
-        control.header.level = SOL_SOCKET_;
-        control.header.type = SCM_RIGHTS_;
-        int fd = (int)root;
-        copy(control.space + sizeof(struct cmsghdr_), &fd, sizeof fd);
-        message.control = &control;
-        message.controllen = sizeof(struct cmsghdr_) + 8;
     }
-    S3(SYS_sendmsg, st->handshake, &message, 0x4000 /* MSG_NOSIGNAL */);
+    ac_report_exec(st->handshake, (int)root);
     if (root >= 0)
         S1(SYS_close, root);
+    return exec_path(argv, envp, nenv);
+}
 
-    const char *file = argv[0];
-    for (const char *c = file; *c; c++)
-        if (*c == '/')
-            return S3(SYS_execve, file, argv, envp);
-    const char *path = "/bin:/usr/bin"; /* os.defpath */
-    for (uint32_t i = 0; i < nenv; i++)
-        if (envp[i][0] == 'P' && envp[i][1] == 'A' && envp[i][2] == 'T' && envp[i][3] == 'H' && envp[i][4] == '=')
-            path = envp[i] + 5;
-    long saved = 0, last = -ENOENT_;
-    char candidate[4096];
-    size_t flen = length(file);
-    const char *p = path;
-    for (;;) {
-        const char *end = p;
-        while (*end && *end != ':')
-            end++;
-        size_t dlen = (size_t)(end - p);
-        if (dlen + 1 + flen + 1 <= sizeof candidate) {
-            size_t k = 0;
-            if (dlen == 0)
-                candidate[k++] = '.';
-            else {
-                copy(candidate, p, dlen);
-                k = dlen;
-            }
-            candidate[k++] = '/';
-            copy(candidate + k, file, flen + 1);
-            last = S3(SYS_execve, candidate, argv, envp);
-            if (last != -ENOENT_ && last != -ENOTDIR_ && !saved)
-                saved = last;
-        }
-        if (!*end)
-            break;
-        p = end + 1;
+/* ---- an excursion: the rest is done by the enter program -------------- */
+
+/* ints: the target's PID, argc; strs: argv..., env...; received: stdin,
+ * stdout, stderr and the target's pidfd. The joining happens in a program of its own
+ * (acinit.c, as "ac-enter"): once in the target's user namespace, a process
+ * there with CAP_SYS_PTRACE could trace this one, whose memory is the fork
+ * server's. Exec'd, its memory is its own, and it makes itself
+ * non-dumpable before it joins (CVE-2016-9962). */
+static long enter_step(struct state *st, const struct step *s)
+{
+    uint32_t argc = (uint32_t)s->ints[1];
+    uint32_t nenv = s->nstrs - argc;
+    if (st->nreceived != 4 || argc == 0 || argc > MAX_ARGS - 8 || nenv > MAX_ARGS)
+        return -E2BIG_;
+    for (int i = 0; i < 3; i++) {
+        long r = S3(SYS_dup3, st->received[i], i, 0);
+        if (r < 0)
+            return r;
     }
-    return saved ? saved : last;
+    char pid[24], handshake[24], pidfd[24];
+    *decimal(pid, (uint64_t)s->ints[0]) = 0;
+    *decimal(handshake, (uint64_t)st->handshake) = 0;
+    *decimal(pidfd, (uint64_t)st->received[3]) = 0;
+    const char *argv[MAX_ARGS + 1], *envp[MAX_ARGS + 1];
+    argv[0] = "ac-enter";
+    argv[1] = pid;
+    argv[2] = handshake;
+    argv[3] = pidfd;
+    for (uint32_t i = 0; i < argc; i++)
+        argv[4 + i] = s->strs[i];
+    argv[4 + argc] = 0;
+    for (uint32_t i = 0; i < nenv; i++)
+        envp[i] = s->strs[argc + i];
+    envp[nenv] = 0;
+    if (st->init < 0)
+        return -ENOEXEC_;
+    /* Kept across the exec: the enter program reports on the handshake. */
+    long r = S3(SYS_fcntl, st->handshake, 2 /* F_SETFD */, 0);
+    if (r >= 0)
+        r = S3(SYS_fcntl, st->received[3], 2 /* F_SETFD */, 0);
+    if (r >= 0)
+        r = S5(SYS_execveat, st->init, "", argv, envp, AT_EMPTY_PATH_);
+    return r;
 }
 
 /* ---- the child -------------------------------------------------------- */
@@ -826,15 +824,7 @@ static long read_full(int fd, char *into, size_t n)
 
 static void fail(struct state *st, int32_t index, long error, int code)
 {
-    /* A frame of _wire's: "ACF1", the step's index, its errno, a detail. */
-    unsigned char record[5 + 20] = {0, 0, 0, 20, 0, 'A', 'C', 'F', '1'};
-    int32_t error32 = (int32_t)-error;
-    copy(record + 9, &index, 4);
-    copy(record + 13, &error32, 4);
-    copy(record + 17, &st->detail, 8);
-    struct iovec_ iov = {record, sizeof record};
-    struct msghdr_ message = {0, 0, &iov, 1, 0, 0, 0};
-    S3(SYS_sendmsg, st->handshake, &message, 0x4000 /* MSG_NOSIGNAL */);
+    ac_report_failure(st->handshake, index, error, st->detail);
     S1(SYS_exit_group, code);
 }
 

@@ -29,6 +29,7 @@ __all__ = [
     "PLAN_ROOM",
     "chosen_executor",
     "encode",
+    "excursion",
 ]
 
 # The shared library of the C executor, which the build compiles next to
@@ -130,6 +131,8 @@ _ENCODERS: dict[type[steps.Step], tuple[int, Callable[[Any], Fields]]] = {
     steps.Exec: (33, _exec),
 }
 
+_ENTER = 34
+
 # What cexecutor.c's fixed arrays hold.
 _MAX_INTS = 64
 _MAX_STRINGS = 512
@@ -193,3 +196,25 @@ def chosen_executor() -> str:
             "reinstall with a C compiler present, or unset it"
         )
     return "c" if built and wanted != "python" else "python"
+
+
+def excursion(plan: steps.ExcursionPlan, pid: int) -> tuple[bytes, steps.ContainerPlan] | None:
+    """Return a command excursion as the C executor reads it, and the steps its errors name.
+
+    One step joins and execs (the enter program does both, see cexecutor.c's
+    enter_step); its errors come as index 0 (joining) or 1 (the exec),
+    which the returned plan names. None for a callable, or without the
+    enter program.
+    """
+    if plan.command is None or not INIT.exists():
+        return None
+    env = [f"{name}={value}" for name, value in plan.env]
+    strings = [*plan.command, *env]
+    if len(strings) > _MAX_STRINGS:
+        return None
+    body = _STEP.pack(_ENTER, 2 | len(strings) << 16) + struct.pack("<QQ", pid, len(plan.command))
+    body += b"".join(map(_string, strings))
+    named = steps.ContainerPlan(
+        (steps.JoinNamespaces(pid), steps.Exec(plan.command, plan.env)), fd_floor=4
+    )
+    return _HEADER.pack(MAGIC, len(body), 4, 1) + body, named

@@ -29,6 +29,7 @@ __all__ = [
     "Exec",
     "InstallPassedFds",
     "InstallStdio",
+    "JoinNamespaces",
     "KeepCapabilities",
     "LimitBoundingSet",
     "LoadCallable",
@@ -550,6 +551,16 @@ class Call(Step):
 
     def describe(self) -> str:
         return "calling the target"
+
+
+@attrs.frozen
+class JoinNamespaces(Step):
+    """Join the namespaces of process `pid` (an excursion's, in the C executor)."""
+
+    pid: int
+
+    def describe(self) -> str:
+        return f"joining the namespaces of PID {self.pid}"
 
 
 @attrs.frozen
