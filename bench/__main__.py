@@ -29,6 +29,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[Result]]] = {
     "pid-file": lambda a: scenarios.pid_file_detection(max(100, a.runs // 2)),
     "memory": lambda a: scenarios.memory(a.live),
     "services": lambda a: scenarios.many_services(a.services),
+    "cpu": lambda a: scenarios.cpu_per_start(a.runs),
 }
 
 
@@ -82,6 +83,8 @@ def plot(result: Result, path: str) -> None:
         axes.set_yticks(range(1, len(names) + 1), names)
     else:
         axes.barh(names, [s.quantile(0.5) * scale for s in result.series])
+    if result.log_axis:
+        axes.set_xscale("log")
     axes.set_xlabel(result.unit)
     axes.set_title(result.scenario)
     figure.tight_layout()
