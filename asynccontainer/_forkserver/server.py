@@ -28,11 +28,8 @@ import select
 import selectors
 import signal
 import socket
+from collections.abc import Callable
 from typing import NoReturn
-
-# Imported here, once, so that no container pays for it: the child uses it
-# to send back exceptions, and to unpickle callables.
-import cloudpickle  # noqa: F401
 
 from .. import _kernel
 from .._kernel.cgroups import TrackedCgroup
@@ -55,7 +52,6 @@ from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
 from .idmaps import write_id_maps
 from .lifetime import Tracking, clone_into
 from .veth import create_veth, delete_veth
-from .zygote import container_main
 
 __all__ = ["main", "serve"]
 
@@ -225,6 +221,7 @@ class _Server:
         It starts in a new cgroup of its own (when the server can track),
         or in `into`, the cgroup of the container an excursion enters.
         """
+        entry = _python_child()  # imported before the fork, not in each child
         go, child_go = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         owned = None
         try:
@@ -242,7 +239,7 @@ class _Server:
                 owned.remove()
             raise
         if pid == 0:
-            container_main(child_go.fileno())
+            entry(child_go.fileno())
         child_go.close()
         if owned is not None:
             self.tracked[pid] = owned
@@ -559,6 +556,19 @@ class _Server:
                 delete_veth(veth.host_interface)
             except Exception:
                 pass  # gone with the namespace already
+
+
+def _python_child() -> Callable[[int], NoReturn]:
+    """Return the Python executor's entry point, importing it on first use.
+
+    The C executor needs none of it, so the server starts without it (a
+    first container is that much sooner); `clone` imports it before it
+    forks, so every Python child has it, and cloudpickle (to unpickle
+    callables and send back exceptions), before its root changes.
+    """
+    from .zygote import container_main
+
+    return container_main
 
 
 def _children() -> list[int]:
