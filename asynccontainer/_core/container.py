@@ -434,7 +434,7 @@ async def spawn(
     """
     setup: object = ContainerSetup(plan)
     if encode.chosen_executor() == "c":
-        encoded = encode.encode(plan, encode.PLAN_ROOM)
+        encoded = encode.encode(plan)
         if encoded is not None:
             setup = encoded
             request = attrs.evolve(request, executor="c")
@@ -543,63 +543,51 @@ async def await_ready(
     Raises:
         The exception its set-up or exec raised (after reaping it), or
         ContainerError if it died without a word.
+
+    Cancellation: a root's fd received already is closed.
     """
-    root: list[int | None] = [None]
-    try:
-        return await _await_ready(container, handshake, plan, root)
-    except BaseException:
-        # Cancelled after the root came, while the exec's end-of-file was
-        # awaited: the fd is nobody's.
-        if root[0] is not None:
-            os.close(root[0])
-        raise
-
-
-async def _await_ready(
-    container: Container,
-    handshake: AsyncFrameChannel,
-    plan: ContainerPlan | None,
-    held: list[int | None],
-) -> int | None:
-    """`await_ready`'s loop; the root's fd, once received, is kept in `held[0]`."""
     execing = False
     root: int | None = None
-    while True:
-        received: list[int] = []
-        reply = await next_reply(handshake, received)
-        for fd in received:
-            # The container's root, sent with its ready reply (send_root).
-            if root is None and isinstance(reply, Ready | Execing):
-                root = held[0] = fd
-            else:
-                os.close(fd)
-        if reply is None:
-            if execing:
+    try:
+        while True:
+            received: list[int] = []
+            reply = await next_reply(handshake, received)
+            for fd in received:
+                # The container's root, sent with its ready reply (send_root).
+                if root is None and isinstance(reply, Ready | Execing):
+                    root = fd
+                else:
+                    os.close(fd)
+            if reply is None:
+                if execing:
+                    return root
+                returncode = await container.wait()
+                raise ContainerError(
+                    f"the container process exited during its set-up with status {returncode} "
+                    "before reporting an error (killed from outside?)"
+                )
+            if isinstance(reply, Ready | Execing) and root is None and _sends_root(plan):
+                await container._kill_and_reap()
+                raise OSError(
+                    errno.EMFILE,
+                    "this process had no free file descriptor for the container's root; the "
+                    "container was killed. Raise the soft limit (RLIMIT_NOFILE) or close fds",
+                )
+            if isinstance(reply, Ready):
                 return root
-            returncode = await container.wait()
-            raise ContainerError(
-                f"the container process exited during its set-up with status {returncode} "
-                "before reporting an error (killed from outside?)"
-            )
-        if isinstance(reply, Ready | Execing) and root is None and _sends_root(plan):
-            await container._kill_and_reap()
-            raise OSError(
-                errno.EMFILE,
-                "this process had no free file descriptor for the container's root; the "
-                "container was killed. Raise the soft limit (RLIMIT_NOFILE) or close fds",
-            )
-        if isinstance(reply, Ready):
-            return root
-        if isinstance(reply, Execing):
-            execing = True
-        elif isinstance(reply, StepFailed | SetupFailed):
-            if root is not None:
-                os.close(root)
-                held[0] = None
-            await container.wait()
-            raise rebuild_failure(reply, plan)
-        else:
-            raise ContainerError(f"unexpected message from the container: {reply!r}")
+            if isinstance(reply, Execing):
+                execing = True
+            elif isinstance(reply, StepFailed | SetupFailed):
+                await container.wait()
+                raise rebuild_failure(reply, plan)
+            else:
+                raise ContainerError(f"unexpected message from the container: {reply!r}")
+    except BaseException:
+        # Failed, or cancelled while the exec's end-of-file was awaited: the
+        # root's fd is nobody's.
+        if root is not None:
+            os.close(root)
+        raise
 
 
 def _sends_root(plan: ContainerPlan | None) -> bool:

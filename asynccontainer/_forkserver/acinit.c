@@ -193,11 +193,7 @@ static int enter(long argc, char **argv, char **envp)
 int ac_init_main(long argc, char **argv)
 {
     char **envp = argv + argc + 1;
-    const char *name = argc > 0 ? argv[0] : "";
-    const char *enter_name = "ac-enter";
-    while (*name && *name == *enter_name)
-        name++, enter_name++;
-    if (!*name && !*enter_name)
+    if (argc > 0 && ac_same(argv[0], "ac-enter"))
         return enter(argc, argv, envp);
     /* Named as the Python executor's init is: "_acinit" is its file's. */
     S2(SYS_prctl, PR_SET_NAME_, "ac-init");

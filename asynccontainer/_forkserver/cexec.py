@@ -44,8 +44,6 @@ class CExecutor:
         self._unmap = library.ac_unmap
         self._unmap.restype = None
         self._unmap.argtypes = [ctypes.c_long]
-        library.ac_plan_room.restype = ctypes.c_size_t
-        self.plan_room = int(library.ac_plan_room())
 
     def map(self) -> int:
         """Map a child's plan room and stack, between guard pages; return its address.

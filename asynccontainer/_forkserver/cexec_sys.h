@@ -221,6 +221,13 @@ static inline void ac_copy(void *to, const void *from, size_t n)
         *t++ = *f++;
 }
 
+static inline int ac_same(const char *a, const char *b)
+{
+    while (*a && *a == *b)
+        a++, b++;
+    return *a == *b;
+}
+
 /* execve `argv` as os.execvpe does: a name without a slash is looked up
  * on the PATH of `envp` (or os.defpath); returns the error to report: the
  * first that is not ENOENT or ENOTDIR, else the last. */

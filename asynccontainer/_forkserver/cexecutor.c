@@ -23,36 +23,12 @@
  *      step execs, and the handshake (close-on-exec) tells the caller.
  *
  * The lifetime pipe's write end is close-on-exec too: the server frees the
- * child's mapping when it reads end-of-file there (the exec, or the exit of
- * the last process sharing the mapping: an init forked off stays on it).
+ * child's mapping when it reads end-of-file there (the exec, or the exit).
+ * An init forked off execs a program of its own (acinit.c), so nothing
+ * stays on the mapping after that.
  */
 
 #include "cexec_sys.h"
-
-/* ---- helpers the compiler must not turn into libc calls --------------- */
-
-static size_t length(const char *s)
-{
-    size_t n = 0;
-    while (s[n])
-        n++;
-    return n;
-}
-
-static void copy(void *to, const void *from, size_t n)
-{
-    volatile unsigned char *t = to;
-    const unsigned char *f = from;
-    while (n--)
-        *t++ = *f++;
-}
-
-static int same(const char *a, const char *b)
-{
-    while (*a && *a == *b)
-        a++, b++;
-    return *a == *b;
-}
 
 /* ---- the plan, as encoded by _plan/encode.py -------------------------- */
 
@@ -139,7 +115,7 @@ static long is_directory(int fd)
 /* Split `path` at its last slash into `parent` (a buffer) and return the name. */
 static const char *split(const char *path, char *parent, size_t size)
 {
-    size_t n = length(path), cut = n;
+    size_t n = ac_length(path), cut = n;
     while (cut > 0 && path[cut - 1] != '/')
         cut--;
     size_t keep = cut;
@@ -151,7 +127,7 @@ static const char *split(const char *path, char *parent, size_t size)
     } else {
         if (keep >= size)
             keep = size - 1;
-        copy(parent, path, keep);
+        ac_copy(parent, path, keep);
         parent[keep] = 0;
     }
     return path + cut;
@@ -289,7 +265,7 @@ static long write_at(int dir, const char *path, const char *data)
     long fd = S4(SYS_openat, dir, path, O_WRONLY_ | O_CLOEXEC_, 0);
     if (fd < 0)
         return fd;
-    long r = write_all((int)fd, data, length(data));
+    long r = write_all((int)fd, data, ac_length(data));
     S1(SYS_close, fd);
     return r;
 }
@@ -321,10 +297,10 @@ static long mkdirs(const char *path, long mode)
 {
     /* os.makedirs(path, exist_ok=True), in the container after pivot_root. */
     char buffer[4096];
-    size_t n = length(path);
+    size_t n = ac_length(path);
     if (n >= sizeof buffer)
         return -EINVAL_;
-    copy(buffer, path, n + 1);
+    ac_copy(buffer, path, n + 1);
     for (size_t i = 1; i <= n; i++) {
         if (buffer[i] == '/' || buffer[i] == 0) {
             char saved = buffer[i];
@@ -502,7 +478,7 @@ static long run_step(struct state *st, const struct step *s)
             long got = S4(SYS_readlinkat, parent, name, existing, sizeof existing - 1);
             if (got >= 0) {
                 existing[got] = 0;
-                if (same(existing, s->strs[1]))
+                if (ac_same(existing, s->strs[1]))
                     r = 0;
             }
         }
@@ -884,7 +860,7 @@ static int child_main(struct child_args *args)
         S1(SYS_exit_group, EXIT_PARENT_DIED);
     struct state st;
     int handshake;
-    copy(&handshake, control.space + sizeof(struct cmsghdr_), sizeof handshake);
+    ac_copy(&handshake, control.space + sizeof(struct cmsghdr_), sizeof handshake);
     st.handshake = handshake;
     st.init = args->init;
     st.root = -1;
@@ -912,7 +888,7 @@ static int child_main(struct child_args *args)
         S1(SYS_exit_group, EXIT_PARENT_DIED);
     if (hmessage.controllen >= sizeof(struct cmsghdr_) && fds.header.type == SCM_RIGHTS_) {
         int count = (int)((fds.header.len - sizeof(struct cmsghdr_)) / sizeof(int));
-        copy(st.received, fds.space + sizeof(struct cmsghdr_), (size_t)count * sizeof(int));
+        ac_copy(st.received, fds.space + sizeof(struct cmsghdr_), (size_t)count * sizeof(int));
         st.nreceived = count;
     }
     if (read_full(st.handshake, args->plan, header[1]) < 0)
@@ -1033,12 +1009,6 @@ extern long ac_clone3(struct clone_args_ *args, size_t size, int (*fn)(struct ch
 #define PROT_NONE_ 0
 #define PROT_RW_ 3
 #define MAP_PRIVATE_ANONYMOUS_NORESERVE_STACK_ (0x02 | 0x20 | 0x4000 | 0x20000)
-
-/* The largest plan a child takes. */
-size_t ac_plan_room(void)
-{
-    return PLAN_ROOM;
-}
 
 /* Map a child's memory (only touched pages cost); return its address, or -errno. */
 long ac_map(void)

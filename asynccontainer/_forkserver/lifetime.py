@@ -29,7 +29,7 @@ from .. import _kernel
 from .._kernel.cgroups import TrackedCgroup
 from .._spec.limits import PREFIX, Hierarchy
 
-__all__ = ["Tracking", "clone_into"]
+__all__ = ["Tracking", "clone_into", "move_in"]
 
 
 class Tracking:
@@ -67,18 +67,30 @@ class Tracking:
         return cgroup
 
 
+def move_in(cgroup: TrackedCgroup, pid: int) -> None:
+    """Move a child that waits for its go into a v1 `cgroup`; on failure, end it.
+
+    Before its go the child runs nothing of its own: moved now, it has never
+    been outside. One that cannot be moved is killed and reaped here, so
+    that its cgroup can be removed (and a C child's mapping freed) at once.
+
+    Raises:
+        OSError: as the write to cgroup.procs fails.
+    """
+    try:
+        cgroup.add(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+
+
 def clone_into(flags: int, cgroup: TrackedCgroup) -> int:
     """Clone (see `_kernel.clone`) with the child in `cgroup`, from its first instruction on v2."""
     if cgroup.version == 1:
         pid = _kernel.clone(flags)
         if pid:
-            # Before its go the child runs nothing of its own: moved now, it
-            # has never been outside.
-            try:
-                cgroup.add(pid)
-            except OSError:
-                os.kill(pid, signal.SIGKILL)
-                raise
+            move_in(cgroup, pid)
         return pid
     fd = cgroup.open()
     try:

@@ -50,7 +50,7 @@ from .._wire import (
 from . import cexec
 from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
 from .idmaps import write_id_maps
-from .lifetime import Tracking, clone_into
+from .lifetime import Tracking, clone_into, move_in
 from .veth import create_veth, delete_veth
 
 __all__ = ["main", "serve"]
@@ -215,6 +215,18 @@ class _Server:
         finally:
             os.close(handshake_fd)
 
+    def cgroup_for(self, into: TrackedCgroup | None) -> tuple[TrackedCgroup | None, bool]:
+        """Return the cgroup to clone a child into, and whether it was made for it here.
+
+        `into` (the cgroup of the container an excursion enters) if given;
+        else a new one of the child's own when the server can track; else
+        None.
+        """
+        if into is not None:
+            return into, False
+        tracking = self.choose_tracking()
+        return (None, False) if tracking is None else (tracking.create(), True)
+
     def clone(self, flags: int, into: TrackedCgroup | None = None) -> tuple[int, socket.socket]:
         """Clone a container process that waits for its go; return (PID, go socket).
 
@@ -225,13 +237,12 @@ class _Server:
         go, child_go = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         owned = None
         try:
-            tracking = self.choose_tracking()
-            if into is None and tracking is not None:
-                owned = into = tracking.create()
-            if into is None:
+            cgroup, made = self.cgroup_for(into)
+            owned = cgroup if made else None
+            if cgroup is None:
                 pid = _kernel.clone(flags | signal.SIGCHLD)
             else:
-                pid = clone_into(flags | signal.SIGCHLD, into)
+                pid = clone_into(flags | signal.SIGCHLD, cgroup)
         except BaseException:
             go.close()
             child_go.close()
@@ -257,23 +268,22 @@ class _Server:
         lifetime, child_lifetime = os.pipe2(os.O_CLOEXEC)
         owned = address = None
         try:
-            tracking = self.choose_tracking()
-            if into is None and tracking is not None:
-                owned = into = tracking.create()
+            cgroup, made = self.cgroup_for(into)
+            owned = cgroup if made else None
             address = self.cexec.map()
-            cgroup = into.open() if into is not None and into.version == 2 else -1
+            fd = cgroup.open() if cgroup is not None and cgroup.version == 2 else -1
             try:
-                pid = self.cexec.spawn(flags, cgroup, child_go.fileno(), child_lifetime, address)
+                pid = self.cexec.spawn(flags, fd, child_go.fileno(), child_lifetime, address)
             finally:
-                if cgroup >= 0:
-                    os.close(cgroup)
-            if into is not None and into.version == 1:
-                into.add(pid)  # before its go it runs nothing of its own
+                if fd >= 0:
+                    os.close(fd)
+            if cgroup is not None and cgroup.version == 1:
+                move_in(cgroup, pid)  # a child it cannot move is reaped, off the mapping
         except BaseException:
             go.close()
             os.close(lifetime)
-            if address is not None and "pid" not in locals():
-                self.cexec.unmap(address)
+            if address is not None:
+                self.cexec.unmap(address)  # no child runs on it (any more)
             if owned is not None:
                 owned.remove()
             raise

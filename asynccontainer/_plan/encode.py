@@ -78,9 +78,13 @@ def _set_ids(step: steps.SetIds) -> Fields:
     return [_optional(step.uid), _optional(step.gid), flag, *groups], []
 
 
+def _argv_and_env(argv: Sequence[str], env: Sequence[tuple[str, str]]) -> list[str]:
+    """Return the strings of an exec: its argv, then its environment as NAME=VALUE."""
+    return [*argv, *(f"{name}={value}" for name, value in env)]
+
+
 def _exec(step: steps.Exec) -> Fields:
-    env = [f"{name}={value}" for name, value in step.env]
-    return [int(step.send_root), len(step.argv)], [*step.argv, *env]
+    return [int(step.send_root), len(step.argv)], _argv_and_env(step.argv, step.env)
 
 
 def _mask(numbers: frozenset[int]) -> int:
@@ -139,6 +143,15 @@ _MAX_STRINGS = 512
 _MAX_SLOTS = 256
 
 
+def _pack(op: int, ints: Sequence[int], strings: Sequence[str | bytes]) -> bytes | None:
+    """Return one step's record, or None for more fields than the C executor holds."""
+    if len(ints) > _MAX_INTS or len(strings) > _MAX_STRINGS:
+        return None
+    # Two's complement: -1 (None, RLIM_INFINITY) reads back as -1 in C.
+    body = b"".join(struct.pack("<Q", n & _U64) for n in ints) + b"".join(map(_string, strings))
+    return _STEP.pack(op, len(ints) | len(strings) << 16) + body
+
+
 def _encode_step(step: steps.Step) -> bytes | None:
     # An init stays in the container for its whole life: the C executor
     # execs it as a program of its own (acinit.c), never leaving it on the
@@ -148,24 +161,19 @@ def _encode_step(step: steps.Step) -> bytes | None:
     encoder = _ENCODERS.get(type(step))
     if encoder is None:
         return None
-    op, fields = encoder
-    ints, strings = fields(step)
-    if len(ints) > _MAX_INTS or len(strings) > _MAX_STRINGS:
-        return None
     slot = getattr(step, "slot", None)
     if isinstance(slot, int) and slot >= _MAX_SLOTS:
         return None
-    # Two's complement: -1 (None, RLIM_INFINITY) reads back as -1 in C.
-    body = b"".join(struct.pack("<Q", n & _U64) for n in ints) + b"".join(map(_string, strings))
-    return _STEP.pack(op, len(ints) | len(strings) << 16) + body
+    op, fields = encoder
+    return _pack(op, *fields(step))
 
 
-def encode(plan: steps.ContainerPlan, room: int) -> bytes | None:
+def encode(plan: steps.ContainerPlan) -> bytes | None:
     """Return the plan as the C executor reads it, or None if it cannot run it.
 
     None for a step it lacks (a callable target, a populate hook; an init
-    when its program was not built), for more
-    fields than it holds, or for a plan larger than `room` bytes.
+    when its program was not built), for more fields than it holds, or for
+    a plan larger than a child's room for it.
     """
     parts = []
     for step in plan.steps:
@@ -174,7 +182,7 @@ def encode(plan: steps.ContainerPlan, room: int) -> bytes | None:
             return None
         parts.append(encoded)
     body = b"".join(parts)
-    if len(body) > room:
+    if len(body) > PLAN_ROOM:
         return None
     return _HEADER.pack(MAGIC, len(body), plan.fd_floor, len(plan.steps)) + body
 
@@ -208,12 +216,10 @@ def excursion(plan: steps.ExcursionPlan, pid: int) -> tuple[bytes, steps.Contain
     """
     if plan.command is None or not INIT.exists():
         return None
-    env = [f"{name}={value}" for name, value in plan.env]
-    strings = [*plan.command, *env]
-    if len(strings) > _MAX_STRINGS:
+    strings = _argv_and_env(plan.command, plan.env)
+    body = _pack(_ENTER, [pid, len(plan.command)], strings)
+    if body is None or len(body) > PLAN_ROOM:
         return None
-    body = _STEP.pack(_ENTER, 2 | len(strings) << 16) + struct.pack("<QQ", pid, len(plan.command))
-    body += b"".join(map(_string, strings))
     named = steps.ContainerPlan(
         (steps.JoinNamespaces(pid), steps.Exec(plan.command, plan.env)), fd_floor=4
     )
