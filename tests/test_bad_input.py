@@ -363,8 +363,6 @@ FILE_SYSTEMS: list[tuple[str, type[BaseException], str, Callable[[], object]]] =
 ]
 
 
-
-
 # -- targets and hooks that cannot be sent -------------------------------------
 
 

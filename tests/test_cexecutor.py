@@ -207,3 +207,19 @@ async def test_a_command_excursion_runs_in_c_from_outside_the_pid_namespace(
         assert "(in the C executor)" in "\n".join(info.value.__notes__)
         await box.stop(grace=0)
     assert out.read_text().split() == ["PPid:", "0"]
+
+
+def test_a_c_record_from_inside_is_decoded_as_data() -> None:
+    """What the C executor sends is fixed records; a malformed one is refused, never run."""
+    import struct
+
+    from asynccontainer._errors import UntrustedValueError
+    from asynccontainer._wire import Execing, StepFailed, decode_reply
+
+    assert decode_reply(b"ACX1") == Execing()
+    failed = decode_reply(b"ACF1" + struct.pack("<iiq", 3, 2, 0))
+    assert isinstance(failed, StepFailed)
+    assert (failed.index, failed.errno, failed.detail) == (3, 2, 0)
+    for forged in (b"ACF1", b"ACF1" + b"\0" * 40, b"ACX1 and more"):
+        with pytest.raises(UntrustedValueError):
+            decode_reply(forged)
