@@ -16,7 +16,7 @@ Everything public is importable from here::
     )
 """
 
-import inspect
+from types import FunctionType
 from typing import TYPE_CHECKING
 
 # The names below are imported on first use (PEP 562), so that the fork
@@ -73,13 +73,13 @@ def _publish(value: object) -> None:
     refer to the public path, which loads the same object.
     """
     private = f"{__name__}."
-    if not (isinstance(value, type) or inspect.isfunction(value)):
+    if not isinstance(value, (type, FunctionType)):
         return
     if value.__module__.startswith(private):
         value.__module__ = __name__
         members = vars(value).values() if isinstance(value, type) else ()
         for member in members:
-            if inspect.isfunction(member) and member.__module__.startswith(private):
+            if isinstance(member, FunctionType) and member.__module__.startswith(private):
                 member.__module__ = __name__
 
 

@@ -36,15 +36,19 @@ import pickle
 import socket
 import struct
 import sys
-import traceback
 from collections.abc import Callable, Sequence
-
-import attrs
+from typing import TYPE_CHECKING, NamedTuple
 
 from ._errors import ContainerError, UntrustedValueError
 from ._kernel import SCM_MAX_FD
-from ._spec.limits import CgroupLimits, ResourceUsage
-from ._spec.network import VethNetwork
+
+if TYPE_CHECKING:
+    # Only named here: the fork server imports this module, and the
+    # messages are tuples rather than attrs classes, so that its start
+    # imports neither attrs nor these modules (issue 13, a first container
+    # within 40 ms); a message that holds one imports it when unpickled.
+    from ._spec.limits import CgroupLimits, ResourceUsage
+    from ._spec.network import VethNetwork
 
 __all__ = [
     "MAX_FDS",
@@ -79,17 +83,16 @@ _HEADER = struct.Struct(">IB")
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
-@attrs.frozen
-class IdMap:
+class IdMap(NamedTuple):
     """The uid/gid maps of a new user namespace (see `write_id_maps`)."""
 
     guest_uid: int
     guest_gid: int
-    count: int
+    # How many ids are mapped ("count" is a tuple's method).
+    size: int
 
 
-@attrs.frozen
-class SpawnRequest:
+class SpawnRequest(NamedTuple):
     """Caller to server: clone a container with these flags (fds: handshake, status)."""
 
     clone_flags: int
@@ -137,14 +140,15 @@ def plain(value: object, depth: int = 0) -> object:
 
 
 def _format(exc: BaseException) -> str:
+    import traceback  # only when an exception is sent: the server's start stays small
+
     try:
         return "".join(traceback.format_exception(exc))
     except BaseException:
         return f"{type(exc).__qualname__} (its traceback could not be formatted)\n"
 
 
-@attrs.frozen
-class KillRequest:
+class KillRequest(NamedTuple):
     """Caller to server: SIGKILL the container `pid`, if the server still has it unreaped.
 
     For a container whose pidfd the caller lost (it had no free fd): the
@@ -155,8 +159,7 @@ class KillRequest:
     pid: int
 
 
-@attrs.frozen
-class ExceptionInfo:
+class ExceptionInfo(NamedTuple):
     """An exception raised in another process, as data: its class's path, its arguments, its text.
 
     Never a pickle of the exception: the caller rebuilds it from a class it
@@ -300,23 +303,20 @@ def decode_value(data: bytes) -> object:
         ) from None
 
 
-@attrs.frozen
-class Forked:
+class Forked(NamedTuple):
     """Server to caller: the container process exists (fds: a pidfd for it)."""
 
     pid: int
     network: VethNetwork | None = None
 
 
-@attrs.frozen
-class SpawnFailed:
+class SpawnFailed(NamedTuple):
     """Server to caller: the container could not be created."""
 
     error: ExceptionInfo
 
 
-@attrs.frozen
-class Exited:
+class Exited(NamedTuple):
     """Server to caller: the container process was reaped with this returncode."""
 
     returncode: int
@@ -328,59 +328,51 @@ class Exited:
     lingering: bool = False
 
 
-@attrs.frozen
-class Emptied:
+class Emptied(NamedTuple):
     """Server to caller: the last process of a lingering container's cgroup has exited."""
 
 
-@attrs.frozen
-class ContainerSetup:
+class ContainerSetup(NamedTuple):
     """Caller to container: everything it needs (fds: stdin, stdout, stderr)."""
 
     plan: object  # a ContainerPlan; typed loosely to keep this module below the plan
 
 
-@attrs.frozen
-class ExcursionSetup:
+class ExcursionSetup(NamedTuple):
     """Caller to excursion process: what to run (fds: stdin, stdout, stderr, target pidfd)."""
 
     plan: object  # an ExcursionPlan
 
 
-@attrs.frozen
-class Returned:
+class Returned(NamedTuple):
     """Excursion to caller: the callable returned this (cloudpickle bytes)."""
 
     pickled: bytes
 
 
-@attrs.frozen
-class Raised:
+class Raised(NamedTuple):
     """Excursion to caller: the callable raised this."""
 
     error: ExceptionInfo
 
 
-@attrs.frozen
-class Ready:
+class Ready(NamedTuple):
     """Container to caller: set-up done; the callable is about to run."""
 
 
-@attrs.frozen
-class Execing:
+class Execing(NamedTuple):
     """Container to caller: set-up done; exec follows (EOF means it worked)."""
 
 
-@attrs.frozen
-class StepFailed:
-    """Container to caller: step `index` of its plan raised.
+class StepFailed(NamedTuple):
+    """Container to caller: step `step` (an index into its plan) raised.
 
     An OSError comes as its errno and strerror (and the file name it named,
     if any), for the caller to rebuild naming the user's own path; any
     other exception comes as `error`. `traceback` is the child's.
     """
 
-    index: int
+    step: int
     errno: int | None
     strerror: str | None
     filename: str | None
@@ -391,8 +383,7 @@ class StepFailed:
     detail: int = 0
 
 
-@attrs.frozen
-class SetupFailed:
+class SetupFailed(NamedTuple):
     """Container to caller: set-up or exec raised this."""
 
     error: ExceptionInfo

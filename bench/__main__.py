@@ -30,6 +30,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[Result]]] = {
     "memory": lambda a: scenarios.memory(a.live),
     "services": lambda a: scenarios.many_services(a.services),
     "cpu": lambda a: scenarios.cpu_per_start(a.runs),
+    "first": lambda a: scenarios.first_container(max(10, a.runs // 20)),
 }
 
 

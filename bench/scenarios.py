@@ -402,6 +402,61 @@ async def cpu_per_start(runs: int) -> Result:
     )
 
 
+# A fresh process: the time of its first container (the fork server's
+# start included), and of its imports, printed as two numbers.
+_FIRST_CONTAINER = """
+import sys, time
+started = time.perf_counter()
+import anyio
+import asynccontainer as ac
+imported = time.perf_counter()
+
+async def main():
+    begun = time.perf_counter()
+    status = await ac.call_with_container(
+        [sys.argv[1]], namespaces=tuple(sys.argv[2].split(",")), mounts=ac.HOST_SYSTEM_MAPPINGS
+    )
+    assert status == 0, status
+    print(time.perf_counter() - begun, imported - started)
+
+anyio.run(main, backend=sys.argv[3])
+"""
+
+
+async def first_container(runs: int) -> Result:
+    """Scenario 9: the first container of a fresh process, under both backends.
+
+    Each run is a new interpreter, so the fork server starts each time;
+    `bwrap` is its first `true` run as a subprocess of a fresh process.
+    """
+    true = shutil.which("true") or "/usr/bin/true"
+    series = {
+        name: Series(name)
+        for name in ("first container (asyncio)", "first container (trio)", "imports", "bwrap")
+    }
+    order = ["asyncio", "trio", "bwrap"]
+    for _ in range(runs):
+        random.shuffle(order)
+        for variant in order:
+            if variant == "bwrap":
+                started = time.perf_counter()
+                await _process(bwrap_argv([true]))
+                series["bwrap"].values.append(time.perf_counter() - started)
+                continue
+            argv = [sys.executable, "-c", _FIRST_CONTAINER, true, ",".join(NAMESPACES), variant]
+            output = (await anyio.run_process(argv, check=True)).stdout.split()
+            series[f"first container ({variant})"].values.append(float(output[0]))
+            if variant == "asyncio":
+                series["imports"].values.append(float(output[1]))
+    return Result(
+        "first container of a fresh process (the fork server's start included)",
+        "ms",
+        list(series.values()),
+        baseline="bwrap",
+        notes=["imports: `import anyio, asynccontainer` in the same fresh process, before it"],
+    )
+
+
 def machine() -> str:
     """Describe the machine the numbers come from."""
     import platform

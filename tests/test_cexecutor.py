@@ -219,7 +219,7 @@ def test_a_c_record_from_inside_is_decoded_as_data() -> None:
     assert decode_reply(b"ACX1") == Execing()
     failed = decode_reply(b"ACF1" + struct.pack("<iiq", 3, 2, 0))
     assert isinstance(failed, StepFailed)
-    assert (failed.index, failed.errno, failed.detail) == (3, 2, 0)
+    assert (failed.step, failed.errno, failed.detail) == (3, 2, 0)
     for forged in (b"ACF1", b"ACF1" + b"\0" * 40, b"ACX1 and more"):
         with pytest.raises(UntrustedValueError):
             decode_reply(forged)

@@ -57,3 +57,20 @@ async def test_the_fork_server_has_no_async_api_loaded() -> None:
     returncode, out = await output_of(_PROBE)
     # The server's own module is there (the probe sees the server's modules); no async API.
     assert (returncode, out) == (0, "['asynccontainer._forkserver.server']\n")
+
+
+def test_the_fork_server_starts_without_attrs() -> None:
+    """Its start imports no attrs, inspect or platform: a first container waits for it.
+
+    Measured: attrs alone cost the first container of a process about 15 ms
+    (docs/performance.md, item 13).
+    """
+    code = (
+        "import sys, asynccontainer._forkserver.server; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('attrs', 'attr', 'inspect', 'platform', 'pathlib', 'cloudpickle')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout == "[]\n"

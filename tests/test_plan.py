@@ -111,7 +111,7 @@ def test_a_plan_is_plain_data() -> None:
     assert pickle.loads(pickle.dumps(plan)) == plan
     assert isinstance(plan.steps[-1], steps.Exec)
     assert all(isinstance(step, steps.Step) for step in plan.steps)
-    assert request.id_map is not None and request.id_map.count == 1
+    assert request.id_map is not None and request.id_map.size == 1
 
 
 def test_every_step_says_what_it_does() -> None:

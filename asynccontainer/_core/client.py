@@ -21,8 +21,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from .._errors import ContainerError
-from .._kernel.cgroups import TrackedCgroup
-from .._spec.limits import PREFIX, hierarchies
+from .._kernel.cgroups import PREFIX, TrackedCgroup, hierarchies
 from .._wire import (
     Emptied,
     ExceptionInfo,
@@ -70,6 +69,9 @@ class ForkServer:
                 [
                     sys.executable,
                     "-I",
+                    # No site: sys.path comes in argv, and site's .pth files
+                    # (an editable install's among them) cost the start time.
+                    "-S",
                     "-c",
                     _BOOTSTRAP,
                     json.dumps(sys.path),

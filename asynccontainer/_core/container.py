@@ -21,7 +21,6 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeAlias, Unpack
 
 import anyio
-import attrs
 
 from .. import _kernel
 from .._errors import ContainerError
@@ -437,7 +436,7 @@ async def spawn(
         encoded = encode.encode(plan)
         if encoded is not None:
             setup = encoded
-            request = attrs.evolve(request, executor="c")
+            request = request._replace(executor="c")
     container, handshake = await start_process(request, setup, fds)
     try:
         root = await await_ready(container, handshake, plan)
@@ -604,9 +603,9 @@ def rebuild_failure(failure: StepFailed | SetupFailed, plan: ContainerPlan | Non
     if isinstance(failure, SetupFailed):
         return rebuild_exception(failure.error)
     steps = plan.steps if plan is not None else ()
-    step = steps[failure.index] if 0 <= failure.index < len(steps) else None
+    step = steps[failure.step] if 0 <= failure.step < len(steps) else None
     where = (
-        "" if step is None else f" at step {failure.index + 1} of {len(steps)}, {step.describe()}"
+        "" if step is None else f" at step {failure.step + 1} of {len(steps)}, {step.describe()}"
     )
     exc: BaseException
     if failure.errno is not None:

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
 
-import attrs
-
 from .. import _kernel
 from .._errors import ContainerError
 from .._plan import encode
@@ -109,7 +107,7 @@ async def _start(
         encoded = encode.excursion(config, target_pid) if encode.chosen_executor() == "c" else None
         if encoded is not None:
             setup, named = encoded
-            request = attrs.evolve(request, executor="c")
+            request = request._replace(executor="c")
         process, handshake = await start_process(request, setup, [*stdio.fds, pidfd])
         return process, handshake, named
     finally:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
 
 __all__ = ["CExecutor", "load"]
 
 # The shared library the build hook (hatch_build.py) compiles next to this file.
-LIBRARY = Path(__file__).with_name("_cexecutor.so")
+LIBRARY = os.path.join(os.path.dirname(__file__), "_cexecutor.so")
 # The init program of containers with one (acinit.c), built beside it.
-INIT = Path(__file__).with_name("_acinit")
+INIT = os.path.join(os.path.dirname(__file__), "_acinit")
 
 
 class CExecutor:
@@ -76,7 +75,7 @@ class CExecutor:
 def load() -> CExecutor | None:
     """Return the C executor, or None where it was not built (no compiler at install)."""
     try:
-        library = ctypes.CDLL(str(LIBRARY))
+        library = ctypes.CDLL(LIBRARY)
     except OSError:
         return None
     try:

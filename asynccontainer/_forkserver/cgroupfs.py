@@ -20,18 +20,19 @@ import errno
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
-from .._kernel.cgroups import TrackedCgroup
-from .._spec.limits import (
+from .._kernel.cgroups import (
     CPU_PERIOD,
     PREFIX,
-    CgroupLimits,
     Hierarchy,
-    ResourceUsage,
+    TrackedCgroup,
     hierarchies,
-    plan_cgroups,
     read_cgroup_file,
 )
+
+if TYPE_CHECKING:
+    from .._spec.limits import CgroupLimits, ResourceUsage
 
 __all__ = ["ContainerCgroup", "remove_server_tree", "sweep_stale"]
 
@@ -66,6 +67,10 @@ class ContainerCgroup:
             OSError: a cgroup that cannot be made or written (the caller
                 checked the hierarchies, so something changed since).
         """
+        # _spec.limits (and attrs) only for a container with limits=: the
+        # fork server's start imports neither (issue 13).
+        from .._spec.limits import plan_cgroups
+
         self.limits = limits
         self.directories: list[tuple[Hierarchy, str]] = []
         # Made here, removed here: not the tracking cgroup, which outlives this.
@@ -155,6 +160,8 @@ class ContainerCgroup:
                 ):
                     nanoseconds = read_cgroup_file(directory, "cpuacct.usage")
                     cpu_time = int(nanoseconds or 0) / 1e9
+        from .._spec.limits import ResourceUsage
+
         return ResourceUsage(cpu_time=cpu_time, memory_peak=memory_peak, oom_kills=oom_kills)
 
     def remove(self) -> None:

@@ -26,8 +26,7 @@ import os
 import signal
 
 from .. import _kernel
-from .._kernel.cgroups import TrackedCgroup
-from .._spec.limits import PREFIX, Hierarchy
+from .._kernel.cgroups import PREFIX, Hierarchy, TrackedCgroup
 
 __all__ = ["Tracking", "clone_into", "move_in"]
 

@@ -4,7 +4,8 @@ It is exec'd fresh by the caller (see `_client`), never forked from it: the
 caller may be multi-threaded (fork would copy locks held by other threads,
 and unshare(CLONE_NEWUSER) refuses multi-threaded callers with EINVAL) and
 large (fork time grows with the caller's page tables). It imports nothing but
-the standard library, attrs and this package's synchronous modules.
+the standard library and this package's synchronous modules (attrs only for
+limits, a veth or a Python child).
 
 Its loop does little and never waits on a container: for each request it
 clones the child, writes its id maps, sends the caller the child's PID and a
@@ -29,12 +30,10 @@ import selectors
 import signal
 import socket
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .. import _kernel
-from .._kernel.cgroups import TrackedCgroup
-from .._spec.limits import Hierarchy, hierarchies
-from .._spec.network import VethNetwork
+from .._kernel.cgroups import Hierarchy, TrackedCgroup, hierarchies
 from .._wire import (
     Emptied,
     ExceptionInfo,
@@ -51,7 +50,9 @@ from . import cexec
 from .cgroupfs import ContainerCgroup, remove_server_tree, sweep_stale
 from .idmaps import write_id_maps
 from .lifetime import Tracking, clone_into, move_in
-from .veth import create_veth, delete_veth
+
+if TYPE_CHECKING:
+    from .._spec.network import VethNetwork
 
 __all__ = ["main", "serve"]
 
@@ -415,7 +416,7 @@ class _Server:
                     guest_gid=request.id_map.guest_gid,
                     host_uid=os.geteuid(),
                     host_gid=os.getegid(),
-                    count=request.id_map.count,
+                    count=request.id_map.size,
                 )
             if request.limits is not None:
                 # Before the go: nothing of the container runs outside them.
@@ -435,6 +436,9 @@ class _Server:
                 entered.add(pid)
             network = None
             if request.network == "veth":
+                # Imported here: only a veth needs ipaddress and attrs (the start stays small).
+                from .veth import create_veth
+
                 taken = {veth.subnet for veth in self.veths.values()}
                 network = self.veths[pid] = create_veth(pid, taken)
             # The child cannot be reaped before this loop calls waitpid, so
@@ -562,6 +566,8 @@ class _Server:
         """Delete an exited container's veth, if it has one."""
         veth = self.veths.pop(pid, None)
         if veth is not None:
+            from .veth import delete_veth
+
             try:
                 delete_veth(veth.host_interface)
             except Exception:

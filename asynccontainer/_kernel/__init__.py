@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import signal
 import socket
 
@@ -182,7 +181,7 @@ _libc_gil.syscall.restype = ctypes.c_long
 
 
 def _syscall_number(name: str) -> int:
-    machine = platform.machine()
+    machine = os.uname().machine
     try:
         return _SYSCALL_NUMBERS[machine][name]
     except KeyError:

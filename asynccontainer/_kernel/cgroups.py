@@ -12,8 +12,22 @@ import errno
 import os
 import signal
 import time
+from typing import NamedTuple
 
-__all__ = ["TrackedCgroup", "read_cgroup_file", "remove_tree"]
+__all__ = [
+    "CPU_PERIOD",
+    "PREFIX",
+    "Hierarchy",
+    "TrackedCgroup",
+    "hierarchies",
+    "read_cgroup_file",
+    "remove_tree",
+]
+
+# The name of every cgroup the library makes starts with it (and the fork server's PID).
+PREFIX = "asynccontainer-"
+# cpu.max's and cpu.cfs_period_us's default period, in microseconds.
+CPU_PERIOD = 100_000
 
 # How long a freeze may take before the members are killed anyway, and how
 # long removing an emptied tree waits for its killed tasks to leave.
@@ -178,3 +192,63 @@ class TrackedCgroup:
         deadline = time.monotonic() + _REMOVE_TIMEOUT
         while not self.remove() and time.monotonic() < deadline:
             time.sleep(0.001)
+
+
+class Hierarchy(NamedTuple):
+    """A mounted cgroup hierarchy: v2, or v1 with its controllers."""
+
+    mount_point: str
+    version: int
+    controllers: frozenset[str]
+    # The calling process's cgroup in it, as a directory.
+    own: str
+
+
+def _controller_names() -> frozenset[str]:
+    # /proc/cgroups lists every controller the kernel has, first column.
+    with open("/proc/cgroups") as file:
+        return frozenset(
+            line.split()[0] for line in file if line.strip() and not line.startswith("#")
+        )
+
+
+def hierarchies() -> list[Hierarchy]:
+    """Return every cgroup hierarchy mounted here, with this process's cgroup in each."""
+    known = _controller_names()
+    paths: dict[frozenset[str], str] = {}
+    with open("/proc/self/cgroup") as file:
+        for line in file:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            paths[frozenset(names.split(",")) if names else frozenset()] = path
+    result = []
+    with open("/proc/self/mountinfo") as file:
+        for line in file:
+            fields = line.split()
+            separator = fields.index("-")
+            fstype, options = fields[separator + 1], fields[separator + 3]
+            root, mount_point = fields[3], fields[4]
+            if fstype == "cgroup2":
+                key: frozenset[str] = frozenset()
+            elif fstype == "cgroup":
+                # Super options: "rw,cpu,cpuacct", "rw,xattr,name=systemd" ...
+                key = frozenset(
+                    o for o in options.split(",") if o in known or o.startswith("name=")
+                )
+            else:
+                continue
+            cgroup = paths.get(key)
+            if cgroup is None:
+                continue
+            # A mount of a sub-tree (root not "/") shows paths below its root.
+            if root != "/" and (cgroup + "/").startswith(root + "/"):
+                cgroup = cgroup[len(root) :]
+            own = os.path.normpath(os.path.join(mount_point, cgroup.lstrip("/")))
+            if not os.path.isdir(own):
+                continue
+            if fstype == "cgroup2":
+                controllers = frozenset((read_cgroup_file(own, "cgroup.controllers") or "").split())
+            else:
+                controllers = frozenset(name for name in key if "=" not in name)
+            version = 2 if fstype == "cgroup2" else 1
+            result.append(Hierarchy(mount_point, version, controllers, own))
+    return result

@@ -75,6 +75,14 @@ class Step:
         """Say what the step does, for the note of an error."""
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        # One repr for every step, rather than one generated per class by
+        # attrs: that halves this module's import, which every first
+        # container of a process waits for (issue 13).
+        fields = attrs.fields(type(self))  # type: ignore[arg-type]  # every subclass is attrs'
+        shown = (f"{a.name}={getattr(self, a.name)!r}" for a in fields if a.repr)
+        return f"{type(self).__name__}({', '.join(shown)})"
+
 
 class _OnTarget(Step):
     """A step about the container path `target`, which its errors name."""
@@ -91,7 +99,7 @@ class _OnTarget(Step):
 # -- the process, before any mount -------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class Unshare(Step):
     """Enter the new namespaces of `flags` (CLONE_NEW*), made after the clone.
 
@@ -106,7 +114,7 @@ class Unshare(Step):
         return "entering namespaces of its own"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class LoadCallable(Step):
     """Unpickle a callable into `slot`, while the host's modules are still in reach."""
 
@@ -119,7 +127,7 @@ class LoadCallable(Step):
         return f"unpickling the {self.what}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class InstallStdio(Step):
     """Make the three fds received with the plan the process's 0, 1 and 2."""
 
@@ -127,7 +135,7 @@ class InstallStdio(Step):
         return "installing stdin, stdout and stderr"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class SetHostname(Step):
     """Set the host name of the container's "uts" namespace."""
 
@@ -140,7 +148,7 @@ class SetHostname(Step):
 # -- mounts ------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class MakeMountsPrivate(Step):
     """Make every mount of the (copied) mount namespace private, recursively.
 
@@ -152,7 +160,7 @@ class MakeMountsPrivate(Step):
         return "making every mount private"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class OpenPath(Step):
     """Open a host path O_PATH into `slot` (as the caller would resolve it).
 
@@ -173,7 +181,7 @@ class OpenPath(Step):
         return f"opening {self.source} of the host"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class CloneTree(Step):
     """Copy the host's mount tree at `source` into `slot`, detached (open_tree, recursive).
 
@@ -195,7 +203,7 @@ class CloneTree(Step):
         return f"opening {self.source} of the host to map it"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class NewRoot(Step):
     """Make the new root: a tmpfs, or the tree in `slot`; attach it at `staging`.
 
@@ -212,7 +220,7 @@ class NewRoot(Step):
         return f"mounting {what} as the new root"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class MountFileSystem(_OnTarget):
     """Mount a new file system of `fstype` on `target` (created as a directory if missing).
 
@@ -232,7 +240,7 @@ class MountFileSystem(_OnTarget):
         return f"mounting {self.fstype} on {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class Bind(_OnTarget):
     """Attach the tree copied into `slot` on `target` (a directory or a file, as the source).
 
@@ -250,7 +258,7 @@ class Bind(_OnTarget):
         return f"mapping on {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class SetPropagation(_OnTarget):
     """Set the propagation (MS_SHARED, MS_SLAVE, MS_PRIVATE, MS_UNBINDABLE) of `target`."""
 
@@ -261,7 +269,7 @@ class SetPropagation(_OnTarget):
         return f"setting the propagation of {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class MakeLink(Step):
     """Make the symbolic link `link` pointing to `target`; an identical link is kept."""
 
@@ -276,7 +284,7 @@ class MakeLink(Step):
         return f"making the link {self.link} -> {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class ReadOnlyPath(_OnTarget):
     """Make `target` a read-only bind of itself, recursively (runc's readonlyPaths).
 
@@ -289,7 +297,7 @@ class ReadOnlyPath(_OnTarget):
         return f"making {self.target} read-only"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class MaskPath(_OnTarget):
     """Cover `target`: /dev/null over a file, an empty read-only tmpfs over a directory.
 
@@ -305,7 +313,7 @@ class MaskPath(_OnTarget):
         return f"masking {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class PivotRoot(Step):
     """Make the new root the process's root, and detach the old one."""
 
@@ -316,7 +324,7 @@ class PivotRoot(Step):
 # -- after pivot_root: paths are the container's own ----------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class WriteFile(_OnTarget):
     """Create `target` with `content` if nothing is there yet (never through a link)."""
 
@@ -328,7 +336,7 @@ class WriteFile(_OnTarget):
         return f"writing {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class MakeDirectory(_OnTarget):
     """Create the directory `target` and its parents if missing."""
 
@@ -339,7 +347,7 @@ class MakeDirectory(_OnTarget):
         return f"creating the directory {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class RemovePath(_OnTarget):
     """Remove the file `target` if it exists (a stale PID file)."""
 
@@ -349,7 +357,7 @@ class RemovePath(_OnTarget):
         return f"removing {self.target}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class RunCallable(Step):
     """Call the callable in `slot` (the populate hook)."""
 
@@ -360,7 +368,7 @@ class RunCallable(Step):
         return f"running the {self.what}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class Chmod(_OnTarget):
     """Change the mode of `target`."""
 
@@ -371,7 +379,7 @@ class Chmod(_OnTarget):
         return f"changing the mode of {self.target} to {self.mode:o}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class RemountReadOnly(_OnTarget):
     """Make the mount at `target` read-only (that mount alone, not those below it)."""
 
@@ -381,7 +389,7 @@ class RemountReadOnly(_OnTarget):
         return f"making {self.target} read-only"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class BringLoopbackUp(Step):
     """Set IFF_UP on `lo` of the container's network namespace."""
 
@@ -389,7 +397,7 @@ class BringLoopbackUp(Step):
         return "bringing the loopback interface up"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class LockMounts(Step):
     """Enter a further user and mount namespace, so that every mount is locked.
 
@@ -403,7 +411,7 @@ class LockMounts(Step):
         return "locking the mounts"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class Chdir(_OnTarget):
     """Change the working directory to `target`."""
 
@@ -416,7 +424,7 @@ class Chdir(_OnTarget):
 # -- the process, after the file system ------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class InstallPassedFds(Step):
     """Put the fds received after stdio at these numbers (subprocess's pass_fds)."""
 
@@ -426,7 +434,7 @@ class InstallPassedFds(Step):
         return f"passing the fds {', '.join(map(str, self.numbers))}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class StartInit(Step):
     """Fork: this process stays PID 1 as an init, the child goes on with the steps.
 
@@ -444,7 +452,7 @@ class StartInit(Step):
         return "starting the init"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class LimitBoundingSet(Step):
     """Drop every capability but `keep` from the bounding set (see _forkserver.capabilities)."""
 
@@ -456,7 +464,7 @@ class LimitBoundingSet(Step):
         return "dropping capabilities from the bounding set"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class StartSession(Step):
     """Call setsid(); take a terminal on stdin as the controlling terminal."""
 
@@ -464,7 +472,7 @@ class StartSession(Step):
         return "starting a session of its own"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class SetResourceLimits(Step):
     """setrlimit for each (RLIMIT_*, soft, hard)."""
 
@@ -474,7 +482,7 @@ class SetResourceLimits(Step):
         return "setting resource limits"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class SetIds(Step):
     """setgroups, setgid, setuid, in this order (each needs what the next gives up)."""
 
@@ -486,7 +494,7 @@ class SetIds(Step):
         return f"switching to uid {self.uid} gid {self.gid}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class SetUmask(Step):
     """Set the file creation mask."""
 
@@ -496,7 +504,7 @@ class SetUmask(Step):
         return f"setting the umask to {self.mask:03o}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class SetNoNewPrivs(Step):
     """PR_SET_NO_NEW_PRIVS: execve can no longer grant privileges."""
 
@@ -504,7 +512,7 @@ class SetNoNewPrivs(Step):
         return "setting no_new_privs"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class KeepCapabilities(Step):
     """Make the permitted, effective, inheritable and ambient sets what the bounding set kept."""
 
@@ -512,7 +520,7 @@ class KeepCapabilities(Step):
         return "dropping capabilities"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class LoadSeccomp(Step):
     """Install the compiled seccomp filter."""
 
@@ -525,7 +533,7 @@ class LoadSeccomp(Step):
 # -- the end ---------------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class Exec(Step):
     """Report "execing" (with the root's fd if `send_root`), then execvpe."""
 
@@ -541,7 +549,7 @@ class Exec(Step):
         return f"executing {self.argv[0]}"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class Call(Step):
     """Report "ready" (with the root's fd if `send_root`), then call the callable in `slot`."""
 
@@ -553,7 +561,7 @@ class Call(Step):
         return "calling the target"
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)  # the repr is Step's
 class JoinNamespaces(Step):
     """Join the namespaces of process `pid` (an excursion's, in the C executor)."""
 

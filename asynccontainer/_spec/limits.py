@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from .._kernel.cgroups import read_cgroup_file
+from .._kernel.cgroups import CPU_PERIOD, PREFIX, Hierarchy, hierarchies, read_cgroup_file
 
 __all__ = [
     "CPU_PERIOD",
@@ -40,13 +40,10 @@ __all__ = [
     "require_pid_namespace",
 ]
 
-# cpu.max's and cpu.cfs_period_us's default period, in microseconds.
-CPU_PERIOD = 100_000
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _KEYS = ("memory", "pids", "cpu", "cpu_weight")
 # 8 EiB less a page: the largest limit memory.max and memory.limit_in_bytes keep.
 _MAX_MEMORY = 2**63 - 4096
-PREFIX = "asynccontainer-"
 
 
 @attrs.frozen
@@ -169,67 +166,6 @@ def check_limits(limits: Mapping[str, object]) -> CgroupLimits:
     if "cpu_weight" in limits:
         cpu_weight = _positive_int("cpu_weight", limits["cpu_weight"], 10_000)
     return CgroupLimits(memory, pids, cpu, cpu_weight)
-
-
-@attrs.frozen
-class Hierarchy:
-    """A mounted cgroup hierarchy: v2, or v1 with its controllers."""
-
-    mount_point: str
-    version: int
-    controllers: frozenset[str]
-    # The calling process's cgroup in it, as a directory.
-    own: str
-
-
-def _controller_names() -> frozenset[str]:
-    # /proc/cgroups lists every controller the kernel has, first column.
-    with open("/proc/cgroups") as file:
-        return frozenset(
-            line.split()[0] for line in file if line.strip() and not line.startswith("#")
-        )
-
-
-def hierarchies() -> list[Hierarchy]:
-    """Return every cgroup hierarchy mounted here, with this process's cgroup in each."""
-    known = _controller_names()
-    paths: dict[frozenset[str], str] = {}
-    with open("/proc/self/cgroup") as file:
-        for line in file:
-            _, names, path = line.rstrip("\n").split(":", 2)
-            paths[frozenset(names.split(",")) if names else frozenset()] = path
-    result = []
-    with open("/proc/self/mountinfo") as file:
-        for line in file:
-            fields = line.split()
-            separator = fields.index("-")
-            fstype, options = fields[separator + 1], fields[separator + 3]
-            root, mount_point = fields[3], fields[4]
-            if fstype == "cgroup2":
-                key: frozenset[str] = frozenset()
-            elif fstype == "cgroup":
-                # Super options: "rw,cpu,cpuacct", "rw,xattr,name=systemd" ...
-                key = frozenset(
-                    o for o in options.split(",") if o in known or o.startswith("name=")
-                )
-            else:
-                continue
-            cgroup = paths.get(key)
-            if cgroup is None:
-                continue
-            # A mount of a sub-tree (root not "/") shows paths below its root.
-            if root != "/" and (cgroup + "/").startswith(root + "/"):
-                cgroup = cgroup[len(root) :]
-            own = os.path.normpath(os.path.join(mount_point, cgroup.lstrip("/")))
-            if not os.path.isdir(own):
-                continue
-            if fstype == "cgroup2":
-                controllers = frozenset((read_cgroup_file(own, "cgroup.controllers") or "").split())
-            else:
-                controllers = frozenset(name for name in key if "=" not in name)
-            version = 2 if fstype == "cgroup2" else 1
-            result.append(Hierarchy(mount_point, version, controllers, own))
-    return result
 
 
 def _v1_hierarchy(mounted: list[Hierarchy], controller: str) -> Hierarchy | None:
