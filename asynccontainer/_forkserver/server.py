@@ -580,8 +580,11 @@ def _python_child() -> Callable[[int], NoReturn]:
     The C executor needs none of it, so the server starts without it (a
     first container is that much sooner); `clone` imports it before it
     forks, so every Python child has it, and cloudpickle (to unpickle
-    callables and send back exceptions), before its root changes.
+    callables and send back exceptions), before its root changes. The
+    plan's steps too: a Python child unpickles its plan, and importing
+    them (and attrs) once here spares every child that import.
     """
+    from .._plan import steps  # noqa: F401
     from .zygote import container_main
 
     return container_main
