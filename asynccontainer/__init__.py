@@ -36,6 +36,13 @@ _EXPORTS = {
     "ResourceUsage": "_spec.limits",
     "VethNetwork": "_spec.network",
     "ContainerError": "_errors",
+    "OutputLimitError": "_errors",
+    "PidFileTimeoutError": "_errors",
+    "ContainerProcessError": "_core.process",
+    "open_process": "_core.process",
+    "run_process": "_core.process",
+    "Stdio": "_core.container",
+    "HasFileno": "_core.container",
     "UntrustedValueError": "_errors",
     "container_excursion": "_core.excursion",
     "container_excursion_value": "_core.excursion",
@@ -84,10 +91,14 @@ def _publish(value: object) -> None:
 
 
 def __getattr__(name: str) -> object:
+    import importlib
+
+    if name == "to_container":
+        # A module, as anyio.to_process: `ac.to_container.run_sync(fn)`.
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'asynccontainer' has no attribute {name!r}")
-    import importlib
 
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     _publish(value)
@@ -100,11 +111,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from . import to_container
     from ._core.client import shutdown_fork_server
-    from ._core.container import Container, call_with_container, run_container
+    from ._core.container import Container, HasFileno, Stdio, call_with_container, run_container
     from ._core.excursion import container_excursion, container_excursion_value
     from ._core.pidfile import read_pid_file
-    from ._errors import ContainerError, UntrustedValueError
+    from ._core.process import ContainerProcessError, open_process, run_process
+    from ._errors import ContainerError, OutputLimitError, PidFileTimeoutError, UntrustedValueError
     from ._plan.build import Target
     from ._services.group import Service, ServiceGroup
     from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
@@ -147,15 +160,20 @@ __all__ = [
     "Container",
     "ContainerError",
     "ContainerOptions",
+    "ContainerProcessError",
     "ContainerSpec",
     "FileSystem",
     "FileSystemMapping",
+    "HasFileno",
     "MountItem",
+    "OutputLimitError",
+    "PidFileTimeoutError",
     "ResourceUsage",
     "SeccompPolicy",
     "Service",
     "ServiceGroup",
     "ServiceSpec",
+    "Stdio",
     "Symlink",
     "Target",
     "UnknownAccountError",
@@ -167,10 +185,13 @@ __all__ = [
     "containers_supported",
     "default_mounts",
     "default_namespaces",
+    "open_process",
     "read_pid_file",
     "run_container",
+    "run_process",
     "setgroups_supported",
     "shutdown_fork_server",
+    "to_container",
     "unprivileged_user_namespace_supported",
     "user_namespace_supported",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ContainerError", "UntrustedValueError"]
+__all__ = ["ContainerError", "OutputLimitError", "PidFileTimeoutError", "UntrustedValueError"]
 
 
 class ContainerError(Exception):
@@ -24,3 +24,36 @@ class UntrustedValueError(ContainerError):
     and unpickling anything else would let it run code here. Pass
     `trusted=True` where offered to unpickle fully, knowing that.
     """
+
+
+class OutputLimitError(ContainerError):
+    """`run_process` read more than `max_output` bytes from one stream; the container was killed.
+
+    Attributes:
+        stdout: what was read from stdout (at most `max_output` bytes), or None.
+        stderr: what was read from stderr, or None.
+        max_output: the limit that was passed.
+    """
+
+    def __init__(self, message: str, stdout: bytes | None, stderr: bytes | None, max_output: int):
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr
+        self.max_output = max_output
+
+
+class PidFileTimeoutError(TimeoutError):
+    """A PID file named no live process in time (`read_pid_file`, a service's `pid_file`).
+
+    A `TimeoutError`, so ``except TimeoutError`` catches it; its message
+    names the file, the container and why the last read did not do.
+
+    Attributes:
+        path: the PID file's path, as given (inside the container, if one).
+        timeout: the seconds waited.
+    """
+
+    def __init__(self, message: str, path: str, timeout: float) -> None:
+        super().__init__(message)
+        self.path = path
+        self.timeout = timeout

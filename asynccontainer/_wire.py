@@ -552,3 +552,31 @@ def _c_record(data: bytes) -> object:
         raise UntrustedValueError(f"a malformed record of the C executor: {data[:32]!r}")
     _, index, number, detail = _C_FAILED.unpack(data)
     return StepFailed(index, number, None, None, None, "(in the C executor)", detail)
+
+
+def call_and_send(fd: int, function: Callable[..., object], args: tuple[object, ...]) -> None:
+    """Run `function(*args)` and write its value (or its exception) to the pipe `fd`; close it.
+
+    The container's side of `to_container.run_sync`: the pipe holds one
+    pickle, `Returned` (the value, pickled with cloudpickle) or `Raised`
+    (the exception as data), which the caller decodes with `decode_reply`.
+    """
+    message: object
+    try:
+        value = function(*args)
+    except BaseException as exc:
+        message = Raised(ExceptionInfo.capture(exc))
+    else:
+        import cloudpickle
+
+        try:
+            message = Returned(cloudpickle.dumps(value))
+        except BaseException as exc:
+            error = TypeError(f"the value {type(value).__qualname__} cannot be pickled: {exc}")
+            message = Raised(ExceptionInfo.capture(error))
+    data = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)

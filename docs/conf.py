@@ -7,6 +7,7 @@ anyio and trio are plain text.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import pkgutil
 import sys
@@ -33,7 +34,11 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "sphinx_copybutton",
 ]
+# The copy button leaves out the prompt of a console block, and its output.
+copybutton_prompt_text = "$ "
+copybutton_only_copy_prompt_lines = True
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
@@ -47,6 +52,26 @@ myst_heading_anchors = 3
 # In docstrings `name` is a cross-reference when it names something
 # documented here, and code otherwise (as trio's docs do).
 default_role = "py:obj"
+# Every reference to a class, function, method or attribute must resolve:
+# one missing from the reference is a warning, and `nox -s docs` makes
+# warnings errors. Plain `code` (the default role, which also names
+# parameters) and what lives outside the project (there is no
+# intersphinx: the build has no network) are exempt.
+nitpicky = True
+nitpick_ignore_regex = [
+    ("py:obj", r".*"),
+    ("py:class", r"(collections\.abc|typing|anyio|trio|subprocess|os|socket|ipaddress)\..*"),
+    ("py:class", r"(T|Ts|_Class|Any|Self|NoReturn|IO|TypeAlias|Path)"),
+    ("py:class", r"asynccontainer\._\w+(\.\w+)*\.(T|Ts|_Class)"),
+    ("py:class", r"(int|str|bytes|float|bool|object|type|tuple|list|dict|set|frozenset|None)"),
+    # The built-in exceptions (the standard library's reference is not linked).
+    ("py:exc", "|".join(n for n, v in vars(builtins).items() if isinstance(v, type))),
+    ("py:class", "|".join(n for n, v in vars(builtins).items() if isinstance(v, type))),
+]
+# Publish every exported name first, so that annotations name the public
+# path (asynccontainer.Service), not the private module it lives in.
+for _name in asynccontainer.__all__:
+    getattr(asynccontainer, _name)
 
 # The docstrings are Google style ("Args:", "Returns:", "Raises:").
 napoleon_google_docstring = True

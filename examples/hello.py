@@ -1,4 +1,4 @@
-"""A first container: a shell in a fresh root, under asyncio and then trio.
+"""A first container: a shell in a fresh root, under asyncio (and trio, if installed).
 
 Run it with:  python examples/hello.py
 """
@@ -22,4 +22,9 @@ async def main() -> None:
 
 if __name__ == "__main__":
     anyio.run(main, backend="asyncio")
-    anyio.run(main, backend="trio")
+    try:
+        import trio  # noqa: F401 - an extra: pip install ".[trio]"; asyncio comes with anyio
+    except ImportError:
+        print("(trio is not installed: pip install '.[trio]' to run it under trio too)")
+    else:
+        anyio.run(main, backend="trio")

@@ -238,22 +238,22 @@ CASES: list[tuple[str, type[BaseException], str, dict[str, Any]]] = [
         {"stdin": "/dev/null"},
     ),
     (
-        "stdout-pipe",
+        "stdout-negative",
         ValueError,
-        r"stdout=-1 is not supported; .*a pipe from os.pipe\(\)",
-        {"stdout": subprocess.PIPE},
+        r"stdout=-5 is not supported; pass None, an fd, a file object, subprocess.PIPE",
+        {"stdout": -5},
     ),
     (
-        "stderr-stdout",
+        "stdin-stdout",
         ValueError,
-        r"stderr=-2 is not supported",
-        {"stderr": subprocess.STDOUT},
+        r"stdin=-2 is not supported; .*\(subprocess\.STDOUT is for stderr only\)",
+        {"stdin": subprocess.STDOUT},
     ),
     (
-        "stdout-pipe-after-stdin-devnull",  # the /dev/null fd opened for stdin is closed
+        "stdout-negative-after-stdin-pipe",  # the pipe opened for stdin is closed
         ValueError,
-        r"stdout=-1 is not supported",
-        {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE},
+        r"stdout=-5 is not supported",
+        {"stdin": subprocess.PIPE, "stdout": -5},
     ),
 ]
 

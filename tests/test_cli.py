@@ -541,6 +541,11 @@ def test_exec_into_a_running_container() -> None:
         result = run_cli("exec", str(sleeper), "--", "sh", "-c", "echo $$; exit 7")
         assert result.returncode == 7
         assert 1 < int(result.stdout) < 10
+        # docs/cli.md's synopsis: options after the PID, the command after '--'.
+        result = run_cli(
+            "exec", str(sleeper), "--env", "GREETING=hi", "--", "sh", "-c", "echo $GREETING"
+        )
+        assert (result.returncode, result.stdout) == (0, "hi\n"), result.stderr
 
         with open("/proc/sys/kernel/pid_max") as file:
             never = int(file.read())  # PIDs are below pid_max
@@ -779,3 +784,192 @@ def test_help_is_not_an_error() -> None:
     assert result.returncode == 0
     for option in ("--share-net", "--expose", "--share", "--root", "--writable-root", "--timeout"):
         assert option in result.stdout
+
+
+def test_version_is_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"asynccontainer {ac.__version__}\n"
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999", "0", "-3", "12ab"])
+def test_exec_with_an_impossible_pid_is_a_usage_error(pid: str) -> None:
+    result = run_cli("exec", pid, "--", "true")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "a PID" in result.stderr
+    no_traceback(result)
+
+
+def test_a_command_word_before_the_separator_is_a_usage_error() -> None:
+    result = run_cli("run", "--hostname", "box", "sh", "--", "-c", "true")
+    assert result.returncode == 2
+    assert "'sh' before '--'" in result.stderr
+    no_traceback(result)
+
+
+# -- a terminal only when there is one to relay, and the new run options ------------------
+
+
+def run_on_a_terminal_stdin(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `asynccontainer ARGS...` with a pty as stdin, stdout and stderr piped (`| od -c`)."""
+    master, slave = os.openpty()
+    try:
+        return subprocess.run(
+            [cli(), *args],
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+IS_STDOUT_A_TERMINAL = "if [ -t 1 ]; then echo terminal; else echo plain; fi"
+
+
+def test_piped_output_gets_plain_bytes_and_stderr_apart() -> None:
+    script = f"{IS_STDOUT_A_TERMINAL}; printf 'a\\nb\\n'; echo to-stderr >&2"
+    result = run_on_a_terminal_stdin("run", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "plain\na\nb\n"  # no pty: no \r\n, no echo
+    assert result.stderr == "to-stderr\n"
+
+
+def test_a_tty_when_asked() -> None:
+    result = run_on_a_terminal_stdin("run", "-t", "--", "sh", "-c", IS_STDOUT_A_TERMINAL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["terminal"]
+
+
+def test_a_tty_asked_without_a_terminal_is_a_usage_error() -> None:
+    result = run_cli("run", "--tty", "--", "true")
+    assert result.returncode == 2
+    assert result.stderr == "asynccontainer: error: --tty needs a terminal on stdin to relay\n"
+
+
+def test_sigterm_is_forwarded_and_the_command_may_exit_on_its_own() -> None:
+    script = "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+    with background("run", "--", "sh", "-c", script) as process:
+        lines = Lines(process.stdout)
+        assert lines.next(TIMEOUT) == "ready"
+        processes = snapshot(process.pid) - {identity(process.pid)}
+        process.terminate()
+        assert lines.next(TIMEOUT) == "got TERM"  # its handler ran: it was not SIGKILLed
+        _, stderr = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+        all_gone(processes)
+
+
+def test_a_command_that_ignores_sigterm_is_killed_after_the_grace_period() -> None:
+    script = "trap '' TERM; echo ready; while :; do sleep 0.1; done"
+    with background("run", "--grace", "0.5", "--", "sh", "-c", script) as process:
+        lines = Lines(process.stdout)
+        assert lines.next(TIMEOUT) == "ready"
+        processes = snapshot(process.pid) - {identity(process.pid)}
+        process.terminate()
+        _, stderr = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+        all_gone(processes)
+
+
+def test_run_cwd_tmpfs_and_limit() -> None:
+    script = "pwd; echo x > /scratch/file && cat /scratch/file"
+    result = run_cli(
+        "run", "--cwd", "/tmp", "--tmpfs", "/scratch", "--limit", "memory=64M",
+        "--limit", "pids=32", "--", "sh", "-c", script,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, "/tmp\nx\n"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "text"),
+    [("bogus=1", "bogus"), ("memory", "KEY=VALUE"), ("pids=-4", "pids")],
+)
+def test_a_bad_limit_is_one_line(option: str, text: str) -> None:
+    result = run_cli("run", "--limit", option, "--", "true")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and text in result.stderr
+    no_traceback(result)
+
+
+def test_run_network_veth() -> None:
+    """The container's end of the pair is up, beside lo (it needs root: the suite is)."""
+    result = run_cli("run", "--network", "veth", "--", "cat", "/proc/net/route")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) >= 2  # a default route through the host's end
+
+
+@pytest.mark.parametrize(
+    ("line", "text"),
+    [
+        ("namespaces = 3", "namespaces must be an iterable of names such as ('mnt', 'pid'), not 3"),
+        ("mounts = []", "unknown field; did you mean 'mappings'?"),
+        ("grace_period = 'soon'", "grace_period must be a number of seconds, not 'soon'"),
+    ],
+)
+def test_a_wrong_type_in_the_services_file_is_one_line(
+    tmp_path: Path, line: str, text: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[services.a]\ncommand = ["sleep", "1"]\n{line}\n')
+    result = run_cli("services", "--check", str(path))
+    assert result.returncode == 1
+    [message] = result.stderr.splitlines()
+    assert message.startswith(f"{path}:3: services.a.") and text in message
+    no_traceback(result)
+
+
+def test_services_on_a_terminal(tmp_path: Path) -> None:
+    """File order, a failure's reason under the table, log lines above it, Ctrl-C as SIGTERM."""
+    signals = tmp_path / "signals"
+    script = tmp_path / "stopper.sh"
+    script.write_text(
+        f"trap 'echo INT >> {signals}' INT\n"
+        f"trap 'echo TERM >> {signals}; exit 0' TERM\n"
+        "while :; do sleep 0.1; done\n"
+    )
+    path = tmp_path / "services.toml"
+    path.write_text(
+        "[services.talker]\n"
+        'command = ["sh", "-c", "echo hello-from-talker; exec sleep 300"]\n'
+        "[services.broken]\n"
+        'command = ["no-such-program"]\n'
+        "[services.stopper]\n"
+        f'command = ["sh", "{script}"]\n'
+        f'mappings = ["{tmp_path}:rw"]\n'
+    )
+    with terminal("services", str(path)) as term:
+        term.read_until(rb"stopper +\d+ +running")
+        term.read_until(rb"hello-from-talker")
+        screen = term.output.decode(errors="replace")
+        # The log line is a line of its own above a table, not inside one.
+        assert re.search(
+            r"(^|\n|\x1b\[J)[^\n]*asynccontainer\.service\.talker: hello-from-talker", screen
+        )
+        last_table = screen.rsplit("NAME", 1)[1]
+        names = re.findall(r"\n(talker|broken|stopper) ", last_table)
+        assert names == ["talker", "broken", "stopper"]  # the file's order
+        assert re.search(r"\nbroken +- +failed +0 +-", last_table)
+        assert re.search(r"\nbroken: [^\n]*no-such-program", last_table)  # the reason, below
+        term.type(b"\x03")
+        term.wait()
+        assert b"Traceback" not in term.output
+    # Ctrl-C reached the command, which stopped them with their stop signal;
+    # the services (a session of their own) never saw the terminal's SIGINT.
+    assert signals.read_text() == "TERM\n"
+
+
+def test_the_check_output_in_the_docs_is_what_check_prints() -> None:
+    """docs/cli.md shows every line `check` prints (values differ from machine to machine)."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    block = page.split("$ asynccontainer check\n", 1)[1].split("```", 1)[0]
+
+    def labels(text: str) -> list[str]:
+        found = re.findall(r"^(?:ok|MISSING|missing) +(.+?)(?:\s{2,}.*)?$", text, re.MULTILINE)
+        return [label.strip() for label in found]
+
+    result = run_cli("check")
+    assert labels(block) == labels(result.stdout)

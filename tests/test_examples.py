@@ -187,7 +187,7 @@ def test_supervise() -> None:
     assert "exited with status 3; respawning" in result.stderr
     # Left the group: everything stopped, and nothing outlives the program.
     for name in ("web", "daemon", "flaky"):
-        assert re.search(rf"^{name} +ended with status \d+$", out, re.M), name
+        assert re.search(rf"^{name} +ended with status -?\d+$", out, re.M), name
     assert re.search(r'"GET / HTTP/1\.0" 200', out)
     for pid in set().union(*pids.values()):
         assert identity(pid) is None, pid

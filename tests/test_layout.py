@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 
+import pytest
 from capture import output_of
 
 import asynccontainer as ac
@@ -74,3 +75,21 @@ def test_the_fork_server_starts_without_attrs() -> None:
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout == "[]\n"
+
+
+def test_the_version_is_defined_once_and_the_license_ships() -> None:
+    """pyproject.toml reads the version from the package; LICENSE is in the metadata."""
+    from importlib import metadata
+    from pathlib import Path
+
+    assert metadata.version("asynccontainer") == ac.__version__
+    assert "LICENSE" in (metadata.metadata("asynccontainer").get_all("License-File") or [])
+    root = Path(__file__).resolve().parent.parent
+    assert "GNU GENERAL PUBLIC LICENSE" in (root / "LICENSE").read_text()
+    assert 'dynamic = ["version"]' in (root / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("kind", [ac.Container, ac.Service])
+def test_handles_have_no_public_constructor(kind: type) -> None:
+    with pytest.raises(TypeError, match="is not constructed directly"):
+        kind(1, 2, 3)

@@ -345,11 +345,11 @@ async def test_stop_returns_the_status_and_a_second_stop_the_same() -> None:
         service = await group.start(spec)
         pid = service.pid
         assert pid is not None
-        # The init reports the last process's death by SIGTERM as 128 + 15.
-        assert await service.stop() == 128 + signal.SIGTERM
-        assert await service.stop() == 128 + signal.SIGTERM
-        assert await service.wait() == 128 + signal.SIGTERM
-        assert service.returncode == 128 + signal.SIGTERM
+        # -N for a signal, as without an init (its 128+N is translated).
+        assert await service.stop() == -signal.SIGTERM
+        assert await service.stop() == -signal.SIGTERM
+        assert await service.wait() == -signal.SIGTERM
+        assert service.returncode == -signal.SIGTERM
         await wait_gone([pid])
 
 
@@ -934,11 +934,33 @@ async def test_wait_returns_the_exit_status(namespaces: list[str] | None) -> Non
         assert await service.stop() == 7
 
 
-async def test_wait_reports_a_signal_as_128_plus_n_with_an_init() -> None:
+async def test_wait_reports_a_signal_as_minus_n_with_an_init() -> None:
     async with ac.ServiceGroup() as group:
         service = await group.start(ac.ServiceSpec(sh("kill -USR1 $$")))
         with anyio.fail_after(5):
-            assert await service.wait() == 128 + signal.SIGUSR1
+            assert await service.wait() == -signal.SIGUSR1
+
+
+async def test_an_exit_status_above_128_is_not_taken_for_a_signal() -> None:
+    """`exit 143` is 143: only the init's own report of a signal makes -N."""
+    async with ac.ServiceGroup() as group:
+        service = await group.start(ac.ServiceSpec(sh("exit 143")))
+        with anyio.fail_after(5):
+            assert await service.wait() == 143
+    status = await ac.call_with_container(
+        sh("exit 137"), mounts=ac.HOST_SYSTEM_MAPPINGS, child_is_pid1=False
+    )
+    assert status == 137
+
+
+async def test_a_forged_status_byte_changes_nothing_but_what_the_status_says() -> None:
+    """A container that writes on its init's status pipe (through /proc/1/fd) cannot
+    make an exit look like another signal: only a byte agreeing with 128+N counts."""
+    script = "for fd in /proc/1/fd/*; do printf '\\011' > $fd 2>/dev/null; done; exit 130"
+    status = await ac.call_with_container(
+        ["sh", "-c", script], mounts=ac.HOST_SYSTEM_MAPPINGS, child_is_pid1=False
+    )
+    assert status == 130
 
 
 async def test_wait_reports_the_last_process_of_the_namespace() -> None:
@@ -1045,3 +1067,13 @@ async def test_two_hundred_services_with_pid_files_share_one_inotify_instance() 
     # At most one: another process may hold the per-user instances, and the
     # waits then poll instead (which started all 200 all the same).
     assert most <= 1, most
+
+
+async def test_an_exception_leaves_the_group_as_it_is() -> None:
+    """The tutorial's promise: a plain `except` catches it (no ExceptionGroup)."""
+    with pytest.raises(LookupError, match="from the block") as caught:
+        async with ac.ServiceGroup() as group:
+            service = await group.start(ac.ServiceSpec(["sleep", "60"]))
+            raise LookupError("from the block")
+    assert type(caught.value) is LookupError
+    assert service.returncode is not None  # stopped on the way out

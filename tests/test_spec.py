@@ -164,6 +164,15 @@ def test_a_misspelt_keyword_fails_the_type_checker(tmp_path: Path) -> None:
                 await ac.run_container(["true"], hostnam="box")
                 await ac.call_with_container(["true"], limits={"pids": 4}, lock_mount=False)
                 await ac.run_container(["true"], hostname=5)
+                await ac.run_process(["true"], mount=[])
+                await ac.open_process(["cat"], capabilites=None)
+                await ac.to_container.run_sync(len, "abc", writeable_root=True)
+                result = await ac.run_process(["true"], input=b"x", check=False)
+                count: int = await ac.to_container.run_sync(len, "abc")
+                text: str = await ac.to_container.run_sync(len, "abc")
+                value: int = await ac.container_excursion_value(1, lambda: 42)
+                stdout: bytes = result.stdout
+                print(count, value, text, stdout)
             """
         )
     )
@@ -175,8 +184,13 @@ def test_a_misspelt_keyword_fails_the_type_checker(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
-    assert [line.split(":")[1] for line in errors] == ["6", "7", "8"], result.stdout
+    assert [line.split(":")[1] for line in errors] == ["6", "7", "8", "9", "10", "11", "14"], (
+        result.stdout
+    )
     assert '"hostnam"' in errors[0] and '"lock_mount"' in errors[1], result.stdout
+    assert '"mount"' in errors[3] and '"capabilites"' in errors[4], result.stdout
+    assert '"writeable_root"' in errors[5], result.stdout
+    assert '"run_sync" has incompatible type' in errors[6], result.stdout  # it is generic
 
 
 async def test_keywords_override_the_spec() -> None:

@@ -28,6 +28,7 @@ from .._spec.filesystems import (
     HOST_SYSTEM_MAPPINGS,
     NETWORK_FILE_MAPPINGS,
     WRITABLE_TMP,
+    FileSystem,
     FileSystemMapping,
     MountItem,
 )
@@ -44,6 +45,8 @@ EXIT_FAILURE = 1
 # env(1)'s statuses for a command that cannot be found or executed.
 EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
+# Container.stop's: what a command gets between SIGTERM and SIGKILL.
+_GRACE = 5.0
 
 # What a human expects to find in a shell: the library itself starts from an
 # empty environment, as Guix does.
@@ -102,31 +105,50 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _integer(what: str, minimum: int) -> Callable[[str], int]:
-    """Make a parser of whole numbers from `minimum` up, named `what` in errors."""
+def _limit(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, as in memory=100M")
+    return key, value
+
+
+def _integer(what: str, minimum: int, maximum: int) -> Callable[[str], int]:
+    """Make a parser of whole numbers from `minimum` to `maximum`, named `what` in errors."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({minimum} or more)")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {what} (from {minimum} to {maximum})"
+            )
         return value
 
     return parse
 
 
-_id = _integer("a numeric id", 0)
-_pid = _integer("a PID", 1)
+# uid_t's largest, less (uid_t)-1, which means "no id" (setresuid(2)).
+_id = _integer("a numeric id", 0, 2**32 - 2)
+# PID_MAX_LIMIT (include/linux/threads.h): 4M on 64-bit machines.
+_pid = _integer("a PID", 1, 1 << 22)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the `asynccontainer` command."""
+def build_parser(command_nargs: str = argparse.REMAINDER) -> argparse.ArgumentParser:
+    """Return the argument parser of the `asynccontainer` command.
+
+    `command_nargs` is how `run` and `exec` take their command: all that
+    follows its first word (REMAINDER), or only words ("*", for the part
+    before `--`, the command being what comes after).
+    """
     parser = _Parser(
         prog=PROGRAM,
         description="Run Linux containers and containerised services (asynccontainer).",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     # An option of each command, so that it may follow the command's name.
     common = _Parser(add_help=False)
     common.add_argument(
@@ -189,7 +211,43 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         help=f"stop the container after this long (exit status {EXIT_TIMEOUT})",
     )
-    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS...")
+    run.add_argument("--cwd", metavar="DIR", help="the working directory inside (default /)")
+    run.add_argument(
+        "--limit",
+        metavar="KEY=VALUE",
+        type=_limit,
+        action="append",
+        default=[],
+        help="a cgroup limit: memory=100M, pids=64, cpu=0.5, cpu_weight=50",
+    )
+    run.add_argument(
+        "--network",
+        choices=("veth",),
+        help="veth: a veth pair to the host, addresses of its own (root only)",
+    )
+    run.add_argument(
+        "--tmpfs",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="a fresh writable tmpfs at PATH",
+    )
+    run.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="give the command a terminal (the default only when stdin, stdout and "
+        "stderr all are terminals)",
+    )
+    run.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=_seconds,
+        default=_GRACE,
+        help="after SIGTERM (or --timeout), how long the command has to exit before "
+        f"it is killed (default {_GRACE:g})",
+    )
+    run.add_argument("argv", nargs=command_nargs, metavar="-- COMMAND ARGS...")
 
     exec_ = commands.add_parser(
         "exec",
@@ -199,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exec_.add_argument("pid", type=_pid, metavar="PID")
     exec_.add_argument("--env", metavar="K=V", type=_env_pair, action="append", default=[])
-    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS...")
+    exec_.add_argument("argv", nargs=command_nargs, metavar="-- COMMAND ARGS...")
 
     services = commands.add_parser(
         "services",
@@ -241,18 +299,19 @@ def _environment(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
-async def _until_signalled(scope: anyio.CancelScope, received: list[int], ignore_int: bool) -> None:
-    signals = (signal.SIGTERM,) if ignore_int else (signal.SIGINT, signal.SIGTERM)
-    with anyio.open_signal_receiver(*signals) as receiver:
-        async for signum in receiver:
-            received.append(signum)
-            scope.cancel()
-            return
-
-
 def _status(returncode: int) -> int:
     """Turn a returncode into an exit status: 128+N for signal N, as shells do."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _limit_value(text: str) -> object:
+    """Return a number where the limit is one (pids=64, cpu=0.5); a size stays text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _run_spec(arguments: argparse.Namespace, terminal: bool) -> ContainerSpec:
@@ -270,6 +329,13 @@ def _run_spec(arguments: argparse.Namespace, terminal: bool) -> ContainerSpec:
         if arguments.share_net:
             mounts += [m for m in NETWORK_FILE_MAPPINGS if os.path.exists(m.source)]
     mounts += arguments.expose + arguments.share
+    mounts += [
+        FileSystem("none", os.path.normpath(path), "tmpfs", flags={"no-suid", "no-dev"})
+        for path in arguments.tmpfs
+    ]
+    limits: dict[str, object] | None = None
+    if arguments.limit:
+        limits = {key: _limit_value(value) for key, value in arguments.limit}
     options: dict[str, Any] = {
         "mounts": mounts,
         "namespaces": namespaces,
@@ -279,6 +345,9 @@ def _run_spec(arguments: argparse.Namespace, terminal: bool) -> ContainerSpec:
         "env": _environment(arguments.env),
         "guest_uid": arguments.guest_uid,
         "guest_gid": arguments.guest_gid,
+        "cwd": arguments.cwd,
+        "limits": limits,
+        "network": arguments.network,
         # An init relays signals to the command, which then behaves as it
         # would outside a pid namespace.
         "child_is_pid1": False,
@@ -287,58 +356,114 @@ def _run_spec(arguments: argparse.Namespace, terminal: bool) -> ContainerSpec:
     return ContainerSpec(**{k: v for k, v in options.items() if v is not None})
 
 
+def _wants_terminal(asked: bool) -> bool:
+    """Say whether to give a pty: when asked (-t), or when all three stdio are terminals.
+
+    As `docker run -t` and ssh: `run ... | od -c` gets the command's bytes as
+    they are, and its stderr stays apart from its stdout.
+
+    Raises:
+        _Usage: -t without a terminal on stdin to relay.
+    """
+    if asked and not os.isatty(0):
+        raise _Usage("--tty needs a terminal on stdin to relay")
+    return asked or all(os.isatty(fd) for fd in (0, 1, 2))
+
+
+class _Supervisor:
+    """What stops the command: a signal to this program, or --timeout; both politely.
+
+    Before the container exists, a signal cancels its start. Once it runs,
+    SIGTERM (and SIGINT without a terminal: with one, Ctrl-C is the
+    container's) goes on to it, and SIGKILL follows after the grace period,
+    as `Container.stop` does.
+    """
+
+    def __init__(self, grace: float, timeout: float | None) -> None:
+        self.grace = grace
+        self.timeout = timeout
+        self.received: list[int] = []
+        self.timed_out = False
+        self.container: Any = None
+        self.start_scope = anyio.CancelScope()
+
+    async def watch_signals(self, with_terminal: bool) -> None:
+        signals = (signal.SIGTERM,) if with_terminal else (signal.SIGINT, signal.SIGTERM)
+        with anyio.open_signal_receiver(*signals) as receiver:
+            async for signum in receiver:
+                self.received.append(signum)
+                if self.container is None:
+                    self.start_scope.cancel()
+                    return
+                await self.container.stop(self.grace)
+                return
+
+    async def watch_time(self) -> None:
+        if self.timeout is None:
+            return
+        await anyio.sleep(self.timeout)
+        self.timed_out = True
+        if self.container is not None:
+            await self.container.stop(self.grace)
+        else:
+            self.start_scope.cancel()
+
+
 async def _run(arguments: argparse.Namespace) -> int:
     argv = _command_argv(arguments.argv)
+    with_terminal = _wants_terminal(arguments.tty)
     # A terminal delivers Ctrl-C to every process of its foreground group,
     # the container's included: the container decides (an interactive shell
     # lives on). Without a terminal, SIGINT is for this command to stop it.
-    spec = _run_spec(arguments, terminal=os.isatty(0))
-    terminal = PseudoTerminal() if os.isatty(0) else None
+    spec = _run_spec(arguments, terminal=with_terminal)
+    terminal = PseudoTerminal() if with_terminal else None
     stdio: dict[str, Any] = (
         {"stdin": terminal.slave, "stdout": terminal.slave, "stderr": terminal.slave}
         if terminal is not None
         else {}
     )
-    received: list[int] = []
+    supervisor = _Supervisor(arguments.grace, arguments.timeout)
     returncode: int | None = None
     failure: Exception | None = None
     try:
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as group:
-                # With a pty in raw mode the keyboard's Ctrl-C goes to the
-                # container; SIGINT from elsewhere stops it, as SIGTERM does.
-                group.start_soon(_until_signalled, scope, received, False)
-                try:
-                    with anyio.fail_after(arguments.timeout) if arguments.timeout else _null():
-                        returncode = await _run_container(argv, spec, stdio, terminal)
-                except Exception as exc:
-                    # Raised again below, outside the task group, which would
-                    # wrap it in an exception group.
-                    failure = exc
-                finally:
-                    group.cancel_scope.cancel()
+        async with anyio.create_task_group() as group:
+            group.start_soon(supervisor.watch_signals, terminal is not None)
+            group.start_soon(supervisor.watch_time)
+            try:
+                with supervisor.start_scope:
+                    returncode = await _run_container(argv, spec, stdio, terminal, supervisor)
+            except Exception as exc:
+                # Raised again below, outside the task group, which would
+                # wrap it in an exception group.
+                failure = exc
+            group.cancel_scope.cancel()
     finally:
         if terminal is not None:
             terminal.close()
-    if isinstance(failure, TimeoutError):
+    if failure is not None:
+        raise failure
+    if supervisor.timed_out:
         print(
             f"{PROGRAM}: the command ran longer than {arguments.timeout} s; it was stopped",
             file=sys.stderr,
         )
         return EXIT_TIMEOUT
-    if failure is not None:
-        raise failure
-    if received:
-        return 128 + received[0]
+    if supervisor.received:
+        return 128 + supervisor.received[0]
     assert returncode is not None
     return _status(returncode)
 
 
 async def _run_container(
-    argv: list[str], spec: ContainerSpec, stdio: dict[str, Any], terminal: PseudoTerminal | None
+    argv: list[str],
+    spec: ContainerSpec,
+    stdio: dict[str, Any],
+    terminal: PseudoTerminal | None,
+    supervisor: _Supervisor,
 ) -> int:
     container = await run_container(argv, spec, **stdio)
     async with container:
+        supervisor.container = container
         if terminal is None:
             return await container.wait()
         terminal.close_slave()
@@ -352,14 +477,6 @@ async def _run_container(
                     await terminal.drained.wait()
                 group.cancel_scope.cancel()
         return returncode
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 async def _exec(arguments: argparse.Namespace) -> int:
@@ -400,6 +517,26 @@ def _one_line(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse the options; everything after the first `--` is the command, as it is.
+
+    argparse's REMAINDER alone would swallow the options that follow a
+    positional (`exec PID --env K=V -- COMMAND` took `--env` as the
+    command): the options are parsed up to `--`, the command is the rest.
+    """
+    if "--" not in argv:
+        return build_parser().parse_args(argv)
+    split = argv.index("--")
+    arguments = build_parser(command_nargs="*").parse_args(argv[:split])
+    if getattr(arguments, "argv", None):
+        raise _Usage(
+            f"{arguments.argv[0]!r} before '--': write the command after it, and the options before"
+        )
+    if hasattr(arguments, "argv"):
+        arguments.argv = argv[split + 1 :]
+    return arguments
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `asynccontainer` command with `argv` (sys.argv[1:] by default).
 
@@ -410,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     arguments: argparse.Namespace | None = None
     try:
-        arguments = build_parser().parse_args(argv)
+        arguments = _parse(list(sys.argv[1:] if argv is None else argv))
         if arguments.command == "check":
             return _check()
         handler: Callable[[argparse.Namespace], Any] = {

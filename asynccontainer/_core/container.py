@@ -18,15 +18,25 @@ import sys
 import warnings
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, Any, Self, TypeAlias, Unpack
+from typing import Protocol, Self, TypeAlias, Unpack
 
 import anyio
+import anyio.abc
 
 from .. import _kernel
 from .._errors import ContainerError
 from .._plan import encode
 from .._plan.build import Target, plan_container
-from .._plan.steps import Call, ContainerPlan, Exec, LimitBoundingSet
+from .._plan.steps import (
+    Bind,
+    Call,
+    ContainerPlan,
+    Exec,
+    LimitBoundingSet,
+    NewRoot,
+    StartInit,
+    Step,
+)
 from .._spec.capabilities import missing_capabilities
 from .._spec.container import ContainerOptions, ContainerSpec, resolve_spec
 from .._spec.limits import ResourceUsage
@@ -53,10 +63,24 @@ from .client import (
     receive_status,
     send_request,
 )
+from .streams import PipeReceiveStream, PipeSendStream, _PipeEnd
 
 __all__ = ["Container", "Target", "call_with_container", "run_container"]
 
-Stdio: TypeAlias = int | IO[Any] | None
+
+class HasFileno(Protocol):
+    """Anything with a `fileno()`: a file object, a socket, a `Path`'s open file."""
+
+    def fileno(self) -> int:
+        """Return the file descriptor."""
+        ...
+
+
+Stdio: TypeAlias = int | HasFileno | None
+"""A container's stdin, stdout or stderr: None (the caller's), an fd, a `HasFileno`,
+or `subprocess.PIPE`, `subprocess.DEVNULL` (or `subprocess.STDOUT` for stderr)."""
+Sender: TypeAlias = PipeSendStream
+Receiver: TypeAlias = PipeReceiveStream
 
 # How long cleanup after a cancellation or an error may wait for the server
 # to report the exit of a SIGKILLed container. Reaping takes milliseconds;
@@ -73,7 +97,25 @@ class Container:
     container's PID after it was reaped.
     """
 
-    def __init__(self, pid: int, pidfd: int, status: AsyncFrameChannel) -> None:
+    stdin: anyio.abc.ByteSendStream | None
+    """Its stdin as a byte stream, with ``stdin=subprocess.PIPE``; else None."""
+    stdout: anyio.abc.ByteReceiveStream | None
+    """Its stdout as a byte stream, with ``stdout=subprocess.PIPE``; else None."""
+    stderr: anyio.abc.ByteReceiveStream | None
+    """Its stderr as a byte stream, with ``stderr=subprocess.PIPE``; else None."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(
+            "a Container is not constructed directly: run_container or open_process returns one"
+        )
+
+    @classmethod
+    def _started(cls, pid: int, pidfd: int, status: AsyncFrameChannel) -> Container:
+        container = cls.__new__(cls)
+        container._setup(pid, pidfd, status)
+        return container
+
+    def _setup(self, pid: int, pidfd: int, status: AsyncFrameChannel) -> None:
         self._pid = pid
         self._pidfd: int | None = pidfd
         self._status: AsyncFrameChannel | None = status
@@ -85,6 +127,12 @@ class Container:
         # in its cgroup (no pid namespace): the status socket stays open
         # for `_end_remains`.
         self._lingering = False
+        # The read end of its init's status pipe (see `_through_init`), if it has one.
+        self._init_status: int | None = None
+        # The caller's ends of its piped stdio (subprocess.PIPE), if any.
+        self.stdin = None
+        self.stdout = None
+        self.stderr = None
 
     @property
     def pid(self) -> int:
@@ -141,8 +189,29 @@ class Container:
                 if isinstance(message, Exited):
                     self._usage = message.usage
                     self._lingering = message.lingering
-                    self._finish(message.returncode)
+                    self._finish(self._through_init(message.returncode))
         return self._returncode
+
+    def _through_init(self, returncode: int) -> int:
+        """Return -N for an init's 128+N that its status pipe says was signal N.
+
+        An init (PID 1) cannot die of the signal its target died of; it
+        exits 128+N and writes N on the pipe. Only a byte that agrees with
+        the status is taken: what a process of the container could write
+        there says nothing the status does not.
+        """
+        fd, self._init_status = self._init_status, None
+        if fd is None:
+            return returncode
+        try:
+            data = os.read(fd, 1)
+        except BlockingIOError:
+            data = b""
+        finally:
+            os.close(fd)
+        if data and 0 < data[0] < 128 and returncode == 128 + data[0]:
+            return -data[0]
+        return returncode
 
     def _finish(self, returncode: int) -> None:
         self._returncode = returncode
@@ -190,6 +259,9 @@ class Container:
             self._close()
 
     def _close(self) -> None:
+        if self._init_status is not None:
+            os.close(self._init_status)
+            self._init_status = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -272,6 +344,21 @@ class Container:
                         pass
             await self._end_remains()
 
+    async def aclose(self) -> None:
+        """Close its piped stdio, then kill and reap the container if it still runs.
+
+        As leaving `async with` does; `anyio.abc.Process.aclose`'s counterpart.
+        Once it returns, nothing of the container runs.
+
+        Cancellation: the kill and the reap are shielded (bounded by 30 s)
+        and happen anyway.
+        """
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+        await self._kill_and_reap()
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -281,10 +368,12 @@ class Container:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Kill and reap the container if it still runs, also on cancellation."""
-        await self._kill_and_reap()
+        """Close its piped stdio; kill and reap it if it still runs, also on cancellation."""
+        await self.aclose()
 
     def __del__(self) -> None:
+        if not hasattr(self, "_pid"):
+            return  # its constructor refused: nothing was set up
         if self._returncode is None and self._pidfd is not None:
             warnings.warn(
                 f"{self!r} was garbage-collected while running; use 'async with' or "
@@ -294,6 +383,9 @@ class Container:
                 source=self,
             )
         self._close()
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if isinstance(stream, _PipeEnd):
+                stream.close_now()
 
 
 def _check_duration(name: str, value: float) -> None:
@@ -314,8 +406,20 @@ class _StdioFds:
     def __init__(self) -> None:
         self.fds: list[int] = []
         self.opened: list[int] = []
+        # subprocess.PIPE: the caller's ends, by stdio number, until taken.
+        self.parents: dict[int, int] = {}
 
     def add(self, name: str, number: int, value: Stdio) -> None:
+        if value == subprocess.PIPE and not isinstance(value, bool):
+            read, write = os.pipe2(os.O_CLOEXEC)
+            child, parent = (read, write) if number == 0 else (write, read)
+            self.opened.append(child)
+            self.parents[number] = parent
+            self.fds.append(child)
+            return
+        if value == subprocess.STDOUT and not isinstance(value, bool) and number == 2:
+            self.fds.append(self.fds[1])
+            return
         if value is None and getattr(sys, _STANDARD_STREAMS[number]) is None:
             # The caller was started without this fd: whatever holds the
             # number now (its event loop's epoll fd, say) is not its stdio.
@@ -330,8 +434,13 @@ class _StdioFds:
         elif isinstance(value, int):
             if value < 0:
                 raise ValueError(
-                    f"{name}={value} is not supported; pass None, an fd, a file object "
-                    "or subprocess.DEVNULL (for output, a pipe from os.pipe())"
+                    f"{name}={value} is not supported; pass None, an fd, a file object, "
+                    "subprocess.PIPE or subprocess.DEVNULL"
+                    + (
+                        " (subprocess.STDOUT is for stderr only)"
+                        if value == subprocess.STDOUT
+                        else ""
+                    )
                 )
             fd = value
         elif hasattr(value, "fileno"):
@@ -348,9 +457,22 @@ class _StdioFds:
             self.opened.append(fd)
         self.fds.append(fd)
 
+    def take_streams(
+        self,
+    ) -> tuple[PipeSendStream | None, PipeReceiveStream | None, PipeReceiveStream | None]:
+        """Return the caller's ends of the pipes as streams (stdin, stdout, stderr); theirs now."""
+        parents, self.parents = self.parents, {}
+        stdin = PipeSendStream(parents[0]) if 0 in parents else None
+        stdout = PipeReceiveStream(parents[1]) if 1 in parents else None
+        stderr = PipeReceiveStream(parents[2]) if 2 in parents else None
+        return stdin, stdout, stderr
+
     def close(self) -> None:
-        for fd in self.opened:
+        """Close what was opened only to be passed, and the pipes' ends not taken."""
+        for fd in [*self.opened, *self.parents.values()]:
             os.close(fd)
+        self.opened.clear()
+        self.parents.clear()
 
 
 async def run_container(
@@ -410,6 +532,7 @@ async def run_container(
         console = os.ttyname(stdio.fds[0]) if os.isatty(stdio.fds[0]) else None
         plan, request = plan_container(resolved, target, console=console)
         container, root = await spawn(plan, request, [*stdio.fds, *resolved.pass_fds])
+        container.stdin, container.stdout, container.stderr = stdio.take_streams()
     finally:
         stdio.close()
     if root is not None:
@@ -437,7 +560,23 @@ async def spawn(
         if encoded is not None:
             setup = encoded
             request = request._replace(executor="c")
-    container, handshake = await start_process(request, setup, fds)
+    init = next((s for s in plan.steps if isinstance(s, StartInit) and s.status_fd >= 0), None)
+    status_read = -1
+    if init is not None:
+        # The init's status pipe: passed after the user's fds (the plan
+        # places it at init.status_fd); the read end is the container's.
+        status_read, status_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        fds = [*fds, status_write]
+    try:
+        container, handshake = await start_process(request, setup, fds)
+    except BaseException:
+        if status_read >= 0:
+            os.close(status_read)
+        raise
+    finally:
+        if status_read >= 0:
+            os.close(fds[-1])
+    container._init_status = status_read if status_read >= 0 else None
     try:
         root = await await_ready(container, handshake, plan)
     except BaseException:
@@ -501,7 +640,7 @@ async def start_process(
             ) from None
         if isinstance(message, SpawnFailed):
             await _drain(status)
-            raise rebuild_exception(message.error)
+            raise clone_hint(rebuild_exception(message.error))
         if not isinstance(message, Forked) or pidfd is None:
             raise ContainerError(f"unexpected message from the fork server: {message!r}")
     except BaseException:
@@ -512,7 +651,7 @@ async def start_process(
                 await _drain(status, kill=True)
         status.close()
         raise
-    container = Container(message.pid, pidfd, status)
+    container = Container._started(message.pid, pidfd, status)
     container._network = message.network
     return container, handshake
 
@@ -594,6 +733,34 @@ def _sends_root(plan: ContainerPlan | None) -> bool:
     return isinstance(last, Exec | Call) and last.send_root
 
 
+def _maps_nothing(steps: Sequence[Step]) -> bool:
+    """Return True for a plan whose root is a fresh tmpfs with no host tree mapped (/dev aside)."""
+    fresh = any(isinstance(step, NewRoot) and step.slot is None for step in steps)
+    return fresh and not any(
+        isinstance(step, Bind) and not step.target.startswith("/dev/") for step in steps
+    )
+
+
+def clone_hint(exc: BaseException) -> BaseException:
+    """Add what to do to a failed clone of the fork server's (ENOSPC, EPERM), and return it."""
+    if not isinstance(exc, OSError):
+        return exc
+    if exc.errno == errno.ENOSPC:
+        exc.add_note(
+            "The kernel refused a new namespace or process: a limit is reached, such as "
+            "user.max_user_namespaces (sysctl) or the pid namespace's max. "
+            "`asynccontainer check` shows what this kernel allows."
+        )
+    elif exc.errno == errno.EPERM:
+        exc.add_note(
+            "The kernel refused to make the namespaces: unprivileged user namespaces may be "
+            "off (kernel.unprivileged_userns_clone, or AppArmor's "
+            "kernel.apparmor_restrict_unprivileged_userns), or a seccomp filter forbids "
+            "clone3. `asynccontainer check` says which."
+        )
+    return exc
+
+
 def rebuild_failure(failure: StepFailed | SetupFailed, plan: ContainerPlan | None) -> BaseException:
     """Return the exception a container reported, naming the step and the user's own path.
 
@@ -619,6 +786,12 @@ def rebuild_failure(failure: StepFailed | SetupFailed, plan: ContainerPlan | Non
             else OSError(failure.errno, strerror)
         )
         exc.add_note(f"Raised in the container process{where}:\n{failure.traceback.rstrip()}")
+        if isinstance(step, Exec) and failure.errno == errno.ENOENT and _maps_nothing(steps):
+            exc.add_note(
+                "The container's root is a fresh tmpfs with nothing mapped into it, so it "
+                "has no programs: pass mounts=ac.HOST_SYSTEM_MAPPINGS to map the host's "
+                "(/usr, /bin, /lib ... read-only), or root= a tree that has them."
+            )
         return exc
     assert failure.error is not None
     return rebuild_exception(failure.error, where)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .. import _kernel
+from .._errors import PidFileTimeoutError
 from .inotify import Watch
 
 if TYPE_CHECKING:
@@ -243,8 +244,8 @@ async def read_pid_file(
         The host PID.
 
     Raises:
-        TimeoutError: after `timeout` seconds, naming the path and what it
-            held last.
+        PidFileTimeoutError: (a TimeoutError) after `timeout` seconds,
+            naming the path and what it held last.
         ValueError: a finished line that is not a PID; a bad `timeout`; a
             relative path with `container`.
         ProcessLookupError: the container has exited.
@@ -319,7 +320,7 @@ async def wait_for_pid_file(
     still runs: once it does not, waiting longer is useless.
 
     Raises:
-        TimeoutError, ValueError: as read_pid_file.
+        PidFileTimeoutError, ValueError: as read_pid_file.
         ProcessLookupError: `alive` said the container has exited.
     """
     opener = _Opener(root_fd)
@@ -347,8 +348,10 @@ async def wait_for_pid_file(
                 )
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
-                raise TimeoutError(
-                    f"the PID file {file}{where} named no live process within {timeout} s: {why}"
+                raise PidFileTimeoutError(
+                    f"the PID file {file}{where} named no live process within {timeout} s: {why}",
+                    file,
+                    timeout,
                 )
             if watching:
                 # Events wake us at once; the cap only guards against a file

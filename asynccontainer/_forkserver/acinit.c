@@ -6,7 +6,9 @@
  * server's memory. Linked without libc (-nostdlib -static): it runs in a
  * container whose root holds no libc of the host's.
  *
- * Usage: ac-init TARGET (the PID to follow, or 0 for every process).
+ * Usage: ac-init TARGET [STATUS_FD] (TARGET: the PID to follow, or 0 for
+ * every process; STATUS_FD: a pipe to the caller, which reads there the
+ * signal the followed process died of, to report -N rather than 128+N).
  */
 
 #include "cexec_sys.h"
@@ -15,7 +17,7 @@
 
 /* With a signalfd, not handlers: every container's init shares the fork
  * server's memory, so no global may say whom to relay to. */
-static void init_loop(int target)
+static void init_loop(int target, int status_fd)
 {
     uint64_t relayed = 0;
     static const int signals[] = {15, 2, 1, 10, 12, 3}; /* TERM INT HUP USR1 USR2 QUIT */
@@ -60,10 +62,19 @@ static void init_loop(int target)
         break;
     }
     int code;
-    if ((last & 0x7f) && (last & 0x7f) != 0x7f)
-        code = 128 + (last & 0x7f); /* PID 1 cannot die of a signal it sends itself */
-    else
+    if ((last & 0x7f) && (last & 0x7f) != 0x7f) {
+        /* PID 1 cannot die of a signal it sends itself: 128+N, and N on
+         * the status pipe, whose reader then reports -N. */
+        unsigned char sig = (unsigned char)(last & 0x7f);
+        /* SIGPIPE blocked: a caller gone makes the write fail, not kill PID 1. */
+        uint64_t pipe_mask = 1ull << (13 - 1);
+        S4(SYS_rt_sigprocmask, SIG_BLOCK_, &pipe_mask, 0, 8);
+        if (status_fd >= 0)
+            S3(SYS_write, status_fd, &sig, 1);
+        code = 128 + sig;
+    } else {
         code = (last >> 8) & 0xff;
+    }
     S1(SYS_exit_group, code);
 }
 
@@ -197,7 +208,7 @@ int ac_init_main(long argc, char **argv)
         return enter(argc, argv, envp);
     /* Named as the Python executor's init is: "_acinit" is its file's. */
     S2(SYS_prctl, PR_SET_NAME_, "ac-init");
-    init_loop(argc > 1 ? (int)number(argv[1]) : 0);
+    init_loop(argc > 1 ? (int)number(argv[1]) : 0, argc > 2 ? (int)number(argv[2]) : -1);
     return 0;
 }
 

@@ -573,7 +573,7 @@ static long run_step(struct state *st, const struct step *s)
             S1(SYS_close, st->received[i]);
         st->nreceived = 0;
         return 0;
-    case OP_START_INIT: { /* follow_child, new_session */
+    case OP_START_INIT: { /* follow_child, new_session, status_fd (-1: none) */
         if (st->init < 0)
             return -ENOEXEC_;
         if (n[1]) {
@@ -593,12 +593,19 @@ static long run_step(struct state *st, const struct step *s)
         if (child > 0) {
             char number[24], *end = decimal(number, n[0] ? (uint64_t)child : 0);
             *end = 0;
-            const char *argv[] = {"ac-init", number, 0};
+            /* The status pipe stays open across the exec: ac-init writes
+             * the signal the target died of there (see acinit.c). */
+            char status[24];
+            end = decimal(status, n[2] >= 0 ? (uint64_t)n[2] : 0);
+            *end = 0;
+            const char *argv[] = {"ac-init", number, n[2] >= 0 ? status : 0, 0};
             const char *envp[] = {0};
             S1(SYS_close, st->handshake);
             S5(SYS_execveat, st->init, "", argv, envp, AT_EMPTY_PATH_);
             S1(SYS_exit_group, EXIT_SETUP_FAILED); /* its namespace dies with it */
         }
+        if (n[2] >= 0)
+            S1(SYS_close, n[2]); /* never the target's: only the init reports */
         return 0;
     }
     case OP_LIMIT_BOUNDING_SET: { /* keep mask, required, keep_across_setuid */

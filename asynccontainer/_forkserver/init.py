@@ -20,7 +20,7 @@ RELAYED_SIGNALS = (
 )
 
 
-def run_init(target: int | None) -> NoReturn:
+def run_init(target: int | None, status_fd: int = -1) -> NoReturn:
     """Be PID 1 of a pid namespace: reap every orphan and relay signals.
 
     A process that is PID 1 receives only the signals it has a handler for
@@ -37,7 +37,8 @@ def run_init(target: int | None) -> NoReturn:
       and exits with the status of the last one.
 
     Either way a signal's death is reported as 128+N: PID 1 cannot die of a
-    signal it sends itself.
+    signal it sends itself. N also goes, as one byte, to `status_fd` (a
+    pipe to the caller, if not -1), which then reports -N.
     """
 
     def relay(signum: int, frame: object) -> None:
@@ -59,5 +60,10 @@ def run_init(target: int | None) -> NoReturn:
             if pid == target:
                 break
     if os.WIFSIGNALED(last_status):
+        if status_fd >= 0:
+            try:
+                os.write(status_fd, bytes([os.WTERMSIG(last_status)]))
+            except OSError:
+                pass  # the caller is gone: nobody reads it
         os._exit(128 + os.WTERMSIG(last_status))
     os._exit(os.waitstatus_to_exitcode(last_status))

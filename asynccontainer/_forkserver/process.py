@@ -99,7 +99,9 @@ def start_init(state: State, step: steps.StartInit) -> None:
     child = os.fork()
     if child != 0:
         state.handshake.close()
-        run_init(child if step.follow_child else None)
+        run_init(child if step.follow_child else None, step.status_fd)
+    if step.status_fd >= 0:
+        os.close(step.status_fd)  # never the target's: only the init reports
 
 
 def limit_bounding_set_step(state: State, step: steps.LimitBoundingSet) -> None:

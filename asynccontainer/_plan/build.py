@@ -447,7 +447,7 @@ def _loading_steps(spec: ContainerSpec, target: Target) -> tuple[list[steps.Step
     return loading, last
 
 
-def _process_steps(spec: ContainerSpec, extras: Extras) -> list[steps.Step]:
+def _process_steps(spec: ContainerSpec, extras: Extras, status_fd: int) -> list[steps.Step]:
     """Return the steps after the file system: init, capabilities, session, ids, filters."""
     names = spec.namespaces
     result: list[steps.Step] = []
@@ -456,7 +456,11 @@ def _process_steps(spec: ContainerSpec, extras: Extras) -> list[steps.Step]:
         # leaves the caller's session too: a terminal's Ctrl-C must reach
         # the target only through the caller.
         result.append(
-            steps.StartInit(follow_child=not extras.init_for_all, new_session=spec.new_session)
+            steps.StartInit(
+                follow_child=not extras.init_for_all,
+                new_session=spec.new_session,
+                status_fd=status_fd,
+            )
         )
     switching_user = extras.uid is not None
     if spec.capabilities is not None:
@@ -594,14 +598,21 @@ def plan_container(
     if proc_slot is not None:
         plan.append(steps.LockMounts(proc_slot))
     plan.append(steps.Chdir(spec.cwd))
-    if spec.pass_fds:
-        plan.append(steps.InstallPassedFds(spec.pass_fds))
-    plan.extend(_process_steps(spec, extras))
+    # With an init, the caller passes one more fd: the init's status pipe
+    # (StartInit), placed above the user's.
+    status_fd = max(spec.pass_fds) + 1 if spec.pass_fds else 3
+    process = _process_steps(spec, extras, status_fd)
+    passed = spec.pass_fds
+    if any(isinstance(step, steps.StartInit) for step in process):
+        passed = (*passed, status_fd)
+    if passed:
+        plan.append(steps.InstallPassedFds(passed))
+    plan.extend(process)
     plan.extend(_privilege_steps(spec))
     if extras.send_root:
         last = attrs.evolve(last, send_root=True)  # type: ignore[misc]
     plan.append(last)
     id_map = IdMap(spec.guest_uid, spec.guest_gid, spec.host_uids) if "user" in names else None
     request = SpawnRequest(flags, id_map, spec.limits, spec.network)
-    floor = max(spec.pass_fds) + 1 if spec.pass_fds else 3
+    floor = max(passed) + 1 if passed else 3
     return steps.ContainerPlan(tuple(plan), floor), request

@@ -120,7 +120,10 @@ _ENCODERS: dict[type[steps.Step], tuple[int, Callable[[Any], Fields]]] = {
     steps.LockMounts: (21, lambda s: ([s.proc_slot], [])),
     steps.Chdir: (22, lambda s: ([], [s.target])),
     steps.InstallPassedFds: (23, lambda s: (list(s.numbers), [])),
-    steps.StartInit: (24, lambda s: ([int(s.follow_child), int(s.new_session)], [])),
+    steps.StartInit: (
+        24,
+        lambda s: ([int(s.follow_child), int(s.new_session), s.status_fd], []),
+    ),
     steps.LimitBoundingSet: (
         25,
         lambda s: ([_mask(s.keep), int(s.required), int(s.keep_across_setuid)], []),

@@ -443,10 +443,17 @@ class StartInit(Step):
     of the namespace and exits when none is left (a service: a daemon's
     forking parent exits first). With `new_session` the init leaves the
     caller's session too.
+
+    `status_fd` (an fd number the caller passed, or -1): the init writes
+    the number of the signal the followed process died of there, one byte,
+    before it exits with 128+N (PID 1 cannot die of a signal it sends
+    itself), so that the caller reports -N as for any container; the child
+    closes it, so that the target never holds it.
     """
 
     follow_child: bool
     new_session: bool
+    status_fd: int = -1
 
     def describe(self) -> str:
         return "starting the init"

@@ -18,9 +18,13 @@ Every error is reported with the line it is on, all at once.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import logging
 import re
 import sys
 import tomllib
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 import anyio
@@ -29,7 +33,7 @@ import attrs
 from .._spec.filesystems import FileSystemMapping
 from .._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy
 from .group import Service, ServiceGroup
-from .spec import ServiceSpec
+from .spec import _CONTAINER_SPELLINGS, ServiceSpec
 
 __all__ = ["load_services", "run_services"]
 
@@ -178,7 +182,11 @@ def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
         bad = False
         for field, value in table.items():
             if field not in _FIELDS:
-                error(field, f"unknown field; the fields are {', '.join(_FIELDS)}")
+                close = _CONTAINER_SPELLINGS.get(field) or next(
+                    iter(difflib.get_close_matches(field, _FIELDS, n=1)), None
+                )
+                hint = f"did you mean {close!r}? " if close else ""
+                error(field, f"unknown field; {hint}the fields are {', '.join(_FIELDS)}")
                 bad = True
                 continue
             try:
@@ -225,19 +233,32 @@ def _uptime(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _rows(services: list[Service], failed: dict[str, str]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [
-        (
-            s.name,
-            str(s.pid) if s.running else "-",
-            _state(s),
-            str(s.restarts),
-            _uptime(s.uptime) if s.running else "-",
+def _rows(
+    specs: list[ServiceSpec], services: dict[str, Service], failed: dict[str, str]
+) -> list[tuple[str, ...]]:
+    """One row per service, in the file's order; a failed one says "failed" (why: `_reasons`)."""
+    rows: list[tuple[str, ...]] = []
+    for spec in specs:
+        service = services.get(spec.name)
+        if service is None:
+            state = "failed" if spec.name in failed else "starting"
+            rows.append((spec.name, "-", state, "0", "-"))
+            continue
+        rows.append(
+            (
+                service.name,
+                str(service.pid) if service.running else "-",
+                _state(service),
+                str(service.restarts),
+                _uptime(service.uptime) if service.running else "-",
+            )
         )
-        for s in services
-    ]
-    rows += [(name, "-", "failed: " + reason, "0", "-") for name, reason in failed.items()]
     return rows
+
+
+def _reasons(specs: list[ServiceSpec], failed: dict[str, str]) -> list[str]:
+    """Return the failures' reasons, for under the table: too long for a column."""
+    return [f"{spec.name}: {failed[spec.name]}" for spec in specs if spec.name in failed]
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -246,6 +267,74 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [_COLUMNS, *rows]
     ]
+
+
+class _Screen:
+    """The status table on `out`: redrawn in place on a terminal, with log lines above it.
+
+    A log line written while the table is on the terminal would land in it
+    and the next redraw would erase it: the handler of `logging_above`
+    erases the table, writes the line, and draws the table again below it.
+    Without a terminal, a table is printed whenever a state changes.
+    """
+
+    def __init__(self, out: TextIO, specs: list[ServiceSpec]) -> None:
+        self.out = out
+        self.specs = specs
+        self.tty = out.isatty()
+        self.shown: list[str] = []
+
+    def _lines(self, services: dict[str, Service], failed: dict[str, str]) -> list[str]:
+        return _table(_rows(self.specs, services, failed)) + _reasons(self.specs, failed)
+
+    def _erase(self) -> None:
+        if self.tty and self.shown:
+            self.out.write(f"\x1b[{len(self.shown)}F\x1b[J")
+
+    def show(
+        self, services: dict[str, Service], failed: dict[str, str], final: bool = False
+    ) -> None:
+        lines = self._lines(services, failed)
+        if self.tty:
+            self._erase()
+        elif not final and [line.split()[:3] for line in lines] == [
+            line.split()[:3] for line in self.shown
+        ]:
+            return
+        self.out.write("\n".join(lines) + ("\n" if self.tty or final else "\n\n"))
+        self.out.flush()
+        self.shown = lines
+
+    def write_above(self, text: str) -> None:
+        """Write a log line above the table (on a terminal), or as it is."""
+        self._erase()
+        self.out.write(text + "\n")
+        if self.tty and self.shown:
+            self.out.write("\n".join(self.shown) + "\n")
+        self.out.flush()
+
+    @contextlib.contextmanager
+    def logging_above(self) -> Iterator[None]:
+        """Send the services' log lines (logger asynccontainer.service) above the table."""
+        if not self.tty:
+            yield
+            return
+        screen = self
+
+        class Above(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                screen.write_above(self.format(record))
+
+        handler = Above()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger = logging.getLogger("asynccontainer.service")
+        logger.addHandler(handler)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
 
 
 async def run_services(specs: list[ServiceSpec], out: TextIO | None = None) -> int:
@@ -258,11 +347,11 @@ async def run_services(specs: list[ServiceSpec], out: TextIO | None = None) -> i
     import signal
 
     out = out or sys.stdout
-    tty = out.isatty()
+    screen = _Screen(out, specs)
     failed: dict[str, str] = {}
-    services: list[Service] = []
+    services: dict[str, Service] = {}
     stopped_by_signal = False
-    with anyio.CancelScope() as main:
+    with anyio.CancelScope() as main, screen.logging_above():
 
         async def on_signal() -> None:
             nonlocal stopped_by_signal
@@ -279,7 +368,7 @@ async def run_services(specs: list[ServiceSpec], out: TextIO | None = None) -> i
 
                     async def start(spec: ServiceSpec) -> None:
                         try:
-                            services.append(await group.start(spec))
+                            services[spec.name] = await group.start(spec)
                         except Exception as exc:
                             failed[spec.name] = (
                                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -288,29 +377,14 @@ async def run_services(specs: list[ServiceSpec], out: TextIO | None = None) -> i
                     async with anyio.create_task_group() as starters:
                         for spec in specs:
                             starters.start_soon(start, spec)
-                    services.sort(key=lambda s: [sp.name for sp in specs].index(s.name))
-                    shown: list[str] = []
-                    while any(s.returncode is None for s in services):
-                        lines = _table(_rows(services, failed))
-                        if tty:
-                            if shown:
-                                out.write(f"\x1b[{len(shown)}F\x1b[J")
-                            out.write("\n".join(lines) + "\n")
-                            out.flush()
-                            shown = lines
-                        elif [line.split()[:3] for line in lines] != [
-                            line.split()[:3] for line in shown
-                        ]:
-                            out.write("\n".join(lines) + "\n\n")
-                            out.flush()
-                            shown = lines
+                    while any(s.returncode is None for s in services.values()):
+                        screen.show(services, failed)
                         await anyio.sleep(1)
             finally:
                 watchers.cancel_scope.cancel()
-    out.write("\n".join(_table(_rows(services, failed))) + "\n")
-    out.flush()
+    screen.show(services, failed, final=True)
     if stopped_by_signal:
         return 0
-    if failed or any(s.returncode for s in services):
+    if failed or any(s.returncode for s in services.values()):
         return 1
     return 0

@@ -39,9 +39,21 @@ RESPAWN_PERIOD = 7.0
 
 
 class Service:
-    """A service started by `ServiceGroup.start`: its process, state and history."""
+    """A service started by `ServiceGroup.start`: its process, state and history.
 
-    def __init__(self, spec: ServiceSpec, group: ServiceGroup) -> None:
+    Not constructed directly: `ServiceGroup.start` returns one.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a Service is not constructed directly: ServiceGroup.start returns one")
+
+    @classmethod
+    def _of(cls, spec: ServiceSpec, group: ServiceGroup) -> Service:
+        service = cls.__new__(cls)
+        service._setup(spec, group)
+        return service
+
+    def _setup(self, spec: ServiceSpec, group: ServiceGroup) -> None:
         self.spec = spec
         self._group = group
         self._container: Container | None = None
@@ -121,7 +133,7 @@ class Service:
 
         Returns:
             Its last exit status (with a pid namespace, the status of its
-            last process, 128+N for a signal, as the init reports it).
+            last process): -N for a signal, as for a container.
         """
         await self._finished.wait()
         assert self._returncode is not None
@@ -495,8 +507,9 @@ class ServiceGroup:
         and the command exec'd.
 
         Raises:
-            TimeoutError: the PID file did not name a live process within
-                `pid_file_timeout`; every process of the service was killed.
+            PidFileTimeoutError: (a TimeoutError) the PID file did not name
+                a live process within `pid_file_timeout`; every process of
+                the service was killed.
             UnknownAccountError: an unknown user or group, before spawning.
             OSError: a set-up step failed (a missing `directory`, a log file
                 that cannot be created, a command that does not exist ...).
@@ -510,7 +523,7 @@ class ServiceGroup:
             raise TypeError(f"start() takes a ServiceSpec, not {spec!r}")
         if not self._entered or self._closed:
             raise RuntimeError("start services inside 'async with ServiceGroup() as group:'")
-        service = Service(spec, self)
+        service = Service._of(spec, self)
         # The group's exit cancels starts in progress (and waits for them),
         # so that no container outlives it unowned.
         scope = anyio.CancelScope()

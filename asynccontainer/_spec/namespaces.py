@@ -48,7 +48,12 @@ def normalize_namespaces(namespaces: Iterable[str]) -> frozenset[str]:
             f"namespaces must be an iterable of names, not the string {namespaces!r}; "
             f"write ({namespaces!r},) for a single namespace"
         )
-    names = frozenset(namespaces)
+    try:
+        names = frozenset(namespaces)
+    except TypeError:
+        raise TypeError(
+            f"namespaces must be an iterable of names such as ('mnt', 'pid'), not {namespaces!r}"
+        ) from None
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"namespace names are strings, not {name!r}")
