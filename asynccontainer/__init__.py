@@ -38,6 +38,7 @@ _EXPORTS = {
     "ContainerError": "_errors",
     "OutputLimitError": "_errors",
     "PidFileTimeoutError": "_errors",
+    "ServiceStartError": "_errors",
     "ContainerProcessError": "_core.process",
     "open_process": "_core.process",
     "run_process": "_core.process",
@@ -117,7 +118,13 @@ if TYPE_CHECKING:
     from ._core.excursion import container_excursion, container_excursion_value
     from ._core.pidfile import read_pid_file
     from ._core.process import ContainerProcessError, open_process, run_process
-    from ._errors import ContainerError, OutputLimitError, PidFileTimeoutError, UntrustedValueError
+    from ._errors import (
+        ContainerError,
+        OutputLimitError,
+        PidFileTimeoutError,
+        ServiceStartError,
+        UntrustedValueError,
+    )
     from ._plan.build import Target
     from ._services.group import Service, ServiceGroup
     from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
@@ -173,6 +180,7 @@ __all__ = [
     "Service",
     "ServiceGroup",
     "ServiceSpec",
+    "ServiceStartError",
     "Stdio",
     "Symlink",
     "Target",

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["ContainerError", "OutputLimitError", "PidFileTimeoutError", "UntrustedValueError"]
+__all__ = [
+    "ContainerError",
+    "OutputLimitError",
+    "PidFileTimeoutError",
+    "ServiceStartError",
+    "UntrustedValueError",
+]
 
 
 class ContainerError(Exception):
@@ -57,3 +63,24 @@ class PidFileTimeoutError(TimeoutError):
         super().__init__(message)
         self.path = path
         self.timeout = timeout
+
+
+class ServiceStartError(ContainerError):
+    """A service's processes all ended before it counted as started.
+
+    Raised by `ServiceGroup.start` (or a respawn's start) at once, not at
+    the start timeout. Its message ends with the service's last line of
+    output: a daemon with a bad configuration usually says why there.
+
+    Attributes:
+        name: the service's name.
+        returncode: its exit status (-N for signal N).
+        log: its last lines of output (10 at most), oldest first.
+    """
+
+    def __init__(self, name: str, returncode: int, log: list[str], when: str) -> None:
+        last = f"; its last line: {log[-1]}" if log else "; it printed nothing"
+        super().__init__(f"service {name!r} exited with status {returncode} {when}{last}")
+        self.name = name
+        self.returncode = returncode
+        self.log = log

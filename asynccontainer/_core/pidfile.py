@@ -45,6 +45,10 @@ class _NotYet(Exception):
     """The file does not hold a usable PID yet; the message says why."""
 
 
+# How often an open inside a container's root is tried again after EAGAIN.
+_EAGAIN_RETRIES = 64
+
+
 class _Opener:
     """Opens paths on the host, or inside a container's root."""
 
@@ -54,11 +58,22 @@ class _Opener:
     def __call__(self, path: str, flags: int) -> int:
         if self.root_fd is None:
             return os.open(path, flags | os.O_CLOEXEC)
+        for _ in range(_EAGAIN_RETRIES):
+            try:
+                return _kernel.openat2(
+                    self.root_fd,
+                    path,
+                    flags,
+                    _kernel.RESOLVE_IN_ROOT | _kernel.RESOLVE_NO_MAGICLINKS,
+                )
+            except BlockingIOError:
+                # openat2(2): with RESOLVE_IN_ROOT, a ".." on the way (a
+                # relative link such as /var/run -> ../run) fails EAGAIN
+                # when a rename or a mount anywhere raced it; "the caller
+                # may choose to retry". Many containers starting at once do.
+                continue
         return _kernel.openat2(
-            self.root_fd,
-            path,
-            flags,
-            _kernel.RESOLVE_IN_ROOT | _kernel.RESOLVE_NO_MAGICLINKS,
+            self.root_fd, path, flags, _kernel.RESOLVE_IN_ROOT | _kernel.RESOLVE_NO_MAGICLINKS
         )
 
     def open_regular(self, path: str) -> int:

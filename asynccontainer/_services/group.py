@@ -23,19 +23,21 @@ import anyio
 from .. import _kernel
 from .._core.container import _REAP_TIMEOUT, Container, _StdioFds, spawn
 from .._core.pidfile import PidTranslator, wait_for_pid_file
-from .._errors import ContainerError
+from .._errors import ContainerError, ServiceStartError
+from .._forkserver.init import RELAYED_SIGNALS
 from .._plan.build import plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
+from .directories import BASES, make_directories, remove_runtime_directories
 from .logs import LineLogger, open_log_file
 from .spec import ServiceSpec, service_extras
 
 __all__ = ["Service", "ServiceGroup"]
 
-# Shepherd's respawn throttle: more than this many deaths ...
-RESPAWN_LIMIT = 5
-# ... within this many seconds disables the service.
-RESPAWN_PERIOD = 7.0
+# How many lines of its output a service keeps (`recent_log`), and how many
+# of them a ServiceStartError shows.
+RECENT_LINES = 100
+LOG_LINES_IN_ERROR = 10
 
 
 class Service:
@@ -73,11 +75,95 @@ class Service:
         self._disabled = False
         # Why the service's processes could not be followed to their end.
         self._lost: ContainerError | None = None
+        self._state = "starting"
+        # Its last lines of output, across respawns.
+        self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
+        self._logger: LineLogger | None = None
+        # restart(): the supervisor starts it again once it is down, and sets this.
+        self._restart: anyio.Event | None = None
+        self._stopping = False
 
     @property
     def restarts(self) -> int:
-        """How many times the service was respawned."""
+        """How many times the service was respawned (after a death, not by `restart`)."""
         return self._restarts
+
+    @property
+    def state(self) -> str:
+        """What it is doing now, as a word.
+
+        One of "starting", "running", "reloading", "stopping", "stopped",
+        "failed" (it died, or could not start, and is not respawned) and
+        "restarting".
+        """
+        return self._state
+
+    @property
+    def recent_log(self) -> list[str]:
+        """Its last lines of output (100 at most), across respawns, oldest first."""
+        return list(self._recent)
+
+    def send_signal(self, sig: int) -> None:
+        """Send signal `sig` to every process of the service; nothing once it is down.
+
+        Race-free: through the pidfd of its init (which relays the signal
+        to every process of the namespace) or of its processes, never by a
+        PID that may have been reused. With a pid namespace, the init
+        relays SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 and SIGQUIT; any
+        other signal goes to the main process alone.
+
+        Raises:
+            ValueError: `sig` is not a signal number.
+        """
+        if isinstance(sig, bool) or not isinstance(sig, int) or sig not in signal.valid_signals():
+            raise ValueError(f"{sig!r} is not a signal number (signal.SIGHUP ...)")
+        if self._container is None or self._ended.is_set():
+            return
+        if "pid" in self.spec.namespaces and sig not in RELAYED_SIGNALS:
+            if self._pidfd is not None:
+                try:
+                    _kernel.pidfd_send_signal(self._pidfd, sig)
+                except ProcessLookupError:
+                    pass
+            return
+        self._signal_all(sig)
+
+    async def reload(self) -> None:
+        """Send the service its `reload_signal` (SIGHUP by default), as `systemctl reload`.
+
+        Raises:
+            RuntimeError: the service is not running.
+        """
+        if not self.running:
+            raise RuntimeError(
+                f"service {self.name!r} is {self._state}: there is nothing to reload"
+            )
+        self.send_signal(self.spec.reload_signal)
+        await anyio.lowlevel.checkpoint()
+
+    async def restart(self) -> None:
+        """Stop the service (its stop signal, SIGKILL after the grace period) and start it again.
+
+        Returns once it is started again, as `ServiceGroup.start` does.
+
+        Raises:
+            RuntimeError: the service is down for good (stopped, or not
+                respawned): start a new one with `ServiceGroup.start`.
+            ContainerError: it could not be started again (its
+                `recent_log` says why); it is then down for good.
+        """
+        if self._finished.is_set() or self._stopping:
+            raise RuntimeError(
+                f"service {self.name!r} is {self._state}: start a new one with group.start"
+            )
+        restarted = self._restart = anyio.Event()
+        self._state = "stopping"
+        await self._terminate()
+        await restarted.wait()
+        if self._finished.is_set():
+            raise ContainerError(
+                f"service {self.name!r} could not be started again; see its recent_log"
+            )
 
     @property
     def disabled(self) -> bool:
@@ -128,6 +214,12 @@ class Service:
         state = "running" if self.running else ("disabled" if self.disabled else "stopped")
         return f"<Service {self.name!r} pid={self._pid} {state}>"
 
+    def _stopped_state(self) -> str:
+        """Return the state of a service down for good: stopped by us, or failed on its own."""
+        if self._stopping:
+            return "stopped"
+        return "stopped" if self._returncode == 0 and not self._disabled else "failed"
+
     async def wait(self) -> int:
         """Wait until the service is down for good (stopped, or dead and not respawned).
 
@@ -148,8 +240,10 @@ class Service:
         Cancellation: the stop goes on to its end, shielded.
         """
         self._supervisor_scope.cancel()
+        self._stopping = True
         with anyio.CancelScope(shield=True):
             if not self._finished.is_set():
+                self._state = "stopping"
                 await self._terminate()
                 self._finish()
         return await self.wait()
@@ -166,7 +260,13 @@ class Service:
             os.close(self._pidfd)
             self._pidfd = None
         self._set_root(None)
+        if not self._finished.is_set():
+            # As systemd's RuntimeDirectory=: gone when the service is.
+            remove_runtime_directories(self.spec.runtime_directories)
+            self._state = self._stopped_state()
         self._finished.set()
+        if self._restart is not None:
+            self._restart.set()
 
     async def _launch(self) -> None:
         """Start a container for the spec and wait until the service is ready.
@@ -176,11 +276,14 @@ class Service:
         spec = self.spec
         extras = service_extras(spec)
         plan, request = plan_container(spec.container_spec(), list(spec.command), extras=extras)
+        for field, base in BASES.items():
+            for name in getattr(spec, field):
+                make_directories(base, name, extras.uid, extras.gid)
         log_fd = None
         if spec.log_file is not None:
             log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        logger = LineLogger(read_fd, log_fd, spec.name)
+        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent)
         stdio = _StdioFds()
         try:
             stdio.add("stdin", 0, subprocess.DEVNULL)
@@ -221,6 +324,7 @@ class Service:
             raise
         self._settled.set()
         self._started_at = time.monotonic()
+        self._state = "running"
 
     async def _ready(self, container: Container) -> int:
         """Return the service's host PID once it is ready."""
@@ -262,12 +366,8 @@ class Service:
 
             async def died() -> None:
                 await self._ended.wait()
-                outcome.append(
-                    ContainerError(
-                        f"service {spec.name!r} exited with status {self._returncode} "
-                        f"before its PID file {spec.pid_file} named a live process"
-                    )
-                )
+                when = f"before its PID file {spec.pid_file} named a live process"
+                outcome.append(await self._start_error(when))
                 race.cancel_scope.cancel()
 
             race.start_soon(reader)
@@ -276,6 +376,16 @@ class Service:
         if isinstance(first, BaseException):
             raise first
         return first
+
+    async def _start_error(self, when: str) -> ServiceStartError:
+        """Return the error of a service whose processes all ended `when`, with its last lines."""
+        if self._logger is not None:
+            # Its output ends with it: the last lines are on their way.
+            with anyio.move_on_after(1):
+                await self._logger.done.wait()
+        returncode = self._returncode if self._returncode is not None else -signal.SIGKILL
+        log = list(self._recent)[-LOG_LINES_IN_ERROR:]
+        return ServiceStartError(self.name, returncode, log, when)
 
     async def _watch(self) -> None:
         """Set `_ended` once every process of the current launch is gone (also if this fails)."""
@@ -308,7 +418,7 @@ class Service:
         """SIGTERM every process of the service, SIGKILL after the grace period, wait."""
         if self._container is None:
             return
-        self._signal_all(signal.SIGTERM)
+        self._signal_all(self.spec.stop_signal)
         with anyio.move_on_after(self.spec.grace_period):
             await self._ended.wait()
             return
@@ -352,40 +462,55 @@ class Service:
         with self._supervisor_scope:
             while True:
                 await self._ended.wait()
-                if not self.spec.respawn:
+                restarting = self._restart
+                if restarting is None and not self.spec.respawn:
                     self._finish()
                     return
-                if self._throttled():
+                if restarting is None and self._throttled():
                     self._disabled = True
+                    starts, period = self.spec.respawn_limit
                     logger.error(
-                        "service %r died more than %d times in %.0f seconds: respawning disabled",
+                        "service %r died more than %d times in %g seconds: respawning disabled",
                         self.name,
-                        RESPAWN_LIMIT,
-                        RESPAWN_PERIOD,
+                        starts,
+                        period,
                     )
                     self._finish()
                     return
-                logger.warning(
-                    "service %r exited with status %s; respawning", self.name, self._returncode
-                )
+                self._state = "restarting"
+                if restarting is None:
+                    logger.warning(
+                        "service %r exited with status %s; respawning", self.name, self._returncode
+                    )
+                    # Shepherd 0.10.3's respawn delay: a crash loop costs time, not a core.
+                    await anyio.sleep(self.spec.respawn_delay)
                 if self._pidfd is not None:
                     os.close(self._pidfd)
                     self._pidfd = None
+                self._restart = None
                 try:
                     await self._launch()
                 except Exception as exc:
                     # A failed start counts as a death, so the throttle ends this.
                     logger.error("respawning service %r failed: %s", self.name, exc)
+                    if restarting is not None:
+                        self._finish()
+                        restarting.set()
+                        return
                     continue
-                self._restarts += 1
+                if restarting is None:
+                    self._restarts += 1
+                else:
+                    restarting.set()
 
     def _throttled(self) -> bool:
         """Record a death; return True if there were too many lately (Shepherd's rule)."""
         now = time.monotonic()
         self._deaths.append(now)
-        while now - self._deaths[0] > RESPAWN_PERIOD:
+        starts, period = self.spec.respawn_limit
+        while now - self._deaths[0] > period:
             self._deaths.popleft()
-        return len(self._deaths) > RESPAWN_LIMIT
+        return len(self._deaths) > starts
 
 
 def _main_process(container: Container, *, init: bool) -> int:

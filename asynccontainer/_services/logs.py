@@ -14,6 +14,7 @@ creates is given to the service's user.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -100,8 +101,18 @@ class LineLogger:
     failure reported through `logging`, once per kind of error.
     """
 
-    def __init__(self, read_fd: int, log_fd: int | None, name: str) -> None:
+    def __init__(
+        self,
+        read_fd: int,
+        log_fd: int | None,
+        name: str,
+        recent: collections.deque[str] | None = None,
+    ) -> None:
         os.set_blocking(read_fd, False)
+        # The service's last lines, kept whatever the log file does.
+        self.recent: collections.deque[str] = (
+            collections.deque(maxlen=100) if recent is None else recent
+        )
         self.read_fd = read_fd
         self.log_fd = log_fd
         self.logger = logging.getLogger(f"asynccontainer.service.{name}")
@@ -121,7 +132,8 @@ class LineLogger:
     def emit(self, line: bytes) -> None:
         """Write one line: to the log file with its time stamp, or to the logger."""
         # Bytes that are not UTF-8 are replaced, never a reason to stop.
-        text = line.decode("utf-8", errors="replace")
+        text = line.decode("utf-8", errors="replace").removesuffix("\r")  # a CRLF line's
+        self.recent.append(text)
         if self.log_fd is None:
             self.logger.info("%s", text)
             return

@@ -12,11 +12,13 @@ import grp
 import os
 import pwd
 import resource
+import signal
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
+from .._forkserver.init import RELAYED_SIGNALS
 from .._plan import steps
 from .._plan.build import Extras
 from .._spec.checks import (
@@ -41,12 +43,27 @@ from .._spec.filesystems import (
 from .._spec.namespaces import NAMESPACES, normalize_namespaces
 
 __all__ = [
+    "RUN",
     "ServiceSpec",
     "UnknownAccountError",
     "default_mounts",
     "default_namespaces",
     "service_extras",
 ]
+
+
+RUN = FileSystem(
+    "none", "/run", "tmpfs", flags=frozenset({"no-suid", "no-dev"}), options="mode=0755"
+)
+"""A service's own writable /run (a tmpfs), /var/run a link to it."""
+
+# The *_directories fields and their bases on the host and inside.
+_DIRECTORY_BASES = {
+    "runtime_directories": "/run",
+    "state_directories": "/var/lib",
+    "cache_directories": "/var/cache",
+    "logs_directories": "/var/log",
+}
 
 
 def default_namespaces() -> frozenset[str]:
@@ -208,6 +225,76 @@ def _accounts(instance: object, attribute: attrs.Attribute[Any], value: tuple[ob
         _account(instance, attribute, account)
 
 
+def _directory_names(field: str, value: Iterable[str]) -> tuple[str, ...]:
+    """Check a `*_directories` field: relative names, as systemd takes them."""
+    if isinstance(value, str | bytes):
+        raise TypeError(f"{field} is a sequence of names, not {value!r}; write [{value!r}]")
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{field} holds directory names (str), not {name!r}")
+        parts = name.split("/")
+        if (
+            not name
+            or name.startswith("/")
+            or "\0" in name
+            or any(part in ("", ".", "..") for part in parts)
+        ):
+            raise ValueError(
+                f"{field}: {name!r} is not a relative directory name such as 'nginx' or "
+                "'nginx/body' (no leading /, no . or .. parts)"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field} names a directory twice: {names!r}")
+    return names
+
+
+def _runtime_directories(value: Iterable[str]) -> tuple[str, ...]:
+    return _directory_names("runtime_directories", value)
+
+
+def _state_directories(value: Iterable[str]) -> tuple[str, ...]:
+    return _directory_names("state_directories", value)
+
+
+def _cache_directories(value: Iterable[str]) -> tuple[str, ...]:
+    return _directory_names("cache_directories", value)
+
+
+def _logs_directories(value: Iterable[str]) -> tuple[str, ...]:
+    return _directory_names("logs_directories", value)
+
+
+def _signal_number(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} is a signal number (signal.SIGTERM ...), not {value!r}")
+    if value not in set(signal.valid_signals()) or value in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError(f"{attribute.name} {value} is not a signal a service can handle")
+
+
+def _signal(value: int | str) -> int:
+    # "SIGQUIT" or "QUIT" (the services file's spelling) is the signal of that name.
+    if isinstance(value, str):
+        name = value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
+        try:
+            return int(signal.Signals[name])
+        except KeyError:
+            raise ValueError(f"{value!r} is not the name of a signal") from None
+    return value if isinstance(value, bool) or not isinstance(value, int) else int(value)
+
+
+def _respawn_limit(value: tuple[int, float]) -> tuple[int, float]:
+    try:
+        starts, period = value
+    except (TypeError, ValueError):
+        raise TypeError(f"respawn_limit is (starts, seconds), as (5, 7.0), not {value!r}") from None
+    if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
+        raise ValueError(f"respawn_limit's starts must be a whole number from 1, not {starts!r}")
+    if isinstance(period, bool) or not isinstance(period, int | float) or not period > 0:
+        raise ValueError(f"respawn_limit's period must be seconds above 0, not {period!r}")
+    return starts, float(period)
+
+
 # A container's spelling of a service option, for the hint of a TypeError.
 _CONTAINER_SPELLINGS = {"mounts": "mappings", "env": "environment", "cwd": "directory"}
 
@@ -253,12 +340,31 @@ class ServiceSpec(SharedOptions):
             names (case and the prefix do not matter) to a limit or to
             (soft, hard).
         file_creation_mask: the umask, such as 0o027.
-        grace_period: seconds between SIGTERM and SIGKILL when stopping.
+        grace_period: seconds between the stop signal and SIGKILL when
+            stopping.
         respawn: start the service again when it dies, unless it dies more
-            than 5 times in 7 seconds.
-        writable_root: the container's root stays writable (the default:
-            daemons write to /var/run); a fresh tmpfs root is private and
-            goes with the container.
+            often than `respawn_limit` says.
+        writable_root: the container's root stays writable (the default);
+            a fresh tmpfs root is private and goes with the container.
+            Either way the service gets a writable /run of its own (a
+            tmpfs), and in a fresh root /var/run is a link to it.
+        runtime_directories: relative names, as systemd's
+            RuntimeDirectory=: each is made on the host under /run if
+            missing (the innermost owned by `user` and `group`, mode
+            0755), mapped writable at the same path, and removed when the
+            service stops. Nothing is made through a link.
+        state_directories: the same under /var/lib (StateDirectory=),
+            kept after the stop.
+        cache_directories: the same under /var/cache (CacheDirectory=).
+        logs_directories: the same under /var/log (LogsDirectory=).
+        stop_signal: the signal that stops it (a number or a name such as
+            "SIGQUIT"; SIGTERM by default), SIGKILL following after
+            `grace_period`. With a pid namespace, one its init passes on:
+            SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 or SIGQUIT.
+        reload_signal: what `Service.reload` sends (SIGHUP), the same rule.
+        respawn_delay: seconds before a respawn (0.1, Shepherd 0.10.3's).
+        respawn_limit: (starts, seconds): more starts than this within the
+            period disable respawning ((5, 7.0), Shepherd's).
 
     The other keywords are `ContainerSpec`'s: root, host_uids, guest_uid,
     guest_gid, populate, loopback_network, lock_mounts, hostname,
@@ -306,16 +412,50 @@ class ServiceSpec(SharedOptions):
     )
     respawn: bool = attrs.field(default=False, kw_only=True, validator=boolean)
     writable_root: bool = attrs.field(default=True, kw_only=True, validator=boolean)
+    runtime_directories: tuple[str, ...] = attrs.field(
+        default=(), kw_only=True, converter=_runtime_directories
+    )
+    state_directories: tuple[str, ...] = attrs.field(
+        default=(), kw_only=True, converter=_state_directories
+    )
+    cache_directories: tuple[str, ...] = attrs.field(
+        default=(), kw_only=True, converter=_cache_directories
+    )
+    logs_directories: tuple[str, ...] = attrs.field(
+        default=(), kw_only=True, converter=_logs_directories
+    )
+    stop_signal: int = attrs.field(
+        default=int(signal.SIGTERM), kw_only=True, converter=_signal, validator=_signal_number
+    )
+    reload_signal: int = attrs.field(
+        default=int(signal.SIGHUP), kw_only=True, converter=_signal, validator=_signal_number
+    )
+    respawn_delay: float = attrs.field(
+        default=0.1, kw_only=True, validator=seconds(zero_allowed=True)
+    )
+    respawn_limit: tuple[int, float] = attrs.field(
+        default=(5, 7.0), kw_only=True, converter=_respawn_limit
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.name is None:
             object.__setattr__(self, "name", os.path.basename(self.command[0]))
+        if "pid" in self.namespaces:
+            for field in ("stop_signal", "reload_signal"):
+                number = getattr(self, field)
+                if number not in RELAYED_SIGNALS:
+                    names = ", ".join(signal.Signals(n).name for n in RELAYED_SIGNALS)
+                    raise ValueError(
+                        f"{field} {signal.Signals(number).name} is not one the init of a pid "
+                        f"namespace passes on ({names}); drop 'pid' from namespaces to use it"
+                    )
         check_rules(
             self,
             needing_mnt=(
                 ("root", self.root),
                 ("mappings", self.mappings),
                 ("populate", self.populate),
+                *((field, getattr(self, field)) for field in _DIRECTORY_BASES),
             ),
         )
 
@@ -331,7 +471,18 @@ class ServiceSpec(SharedOptions):
         mounts: list[MountItem] = []
         if "mnt" in self.namespaces:
             mounts.extend(default_mounts(self.namespaces))
+            # A writable /run of its own (daemons write their PID files and
+            # sockets there), /var/run a link to it in a fresh root.
+            mounts.append(RUN)
+            if self.root is None:
+                # Relative, as a path through /proc/PID/root from the host resolves it too.
+                mounts.append(Symlink("/var/run", "../run"))
             mounts.extend(self.mappings)
+            mounts.extend(
+                FileSystemMapping(f"{base}/{name}", writable=True)
+                for field, base in _DIRECTORY_BASES.items()
+                for name in getattr(self, field)
+            )
         env = self.environment
         if env is None:
             env = tuple((os.environ if environ is None else environ).items())
@@ -395,7 +546,9 @@ def service_extras(spec: ServiceSpec) -> Extras:
         # With a user, drop root's supplementary groups (Shepherd sets them
         # to exactly the given list).
         groups = tuple(_lookup_group(g) for g in spec.supplementary_groups)
-    prepare: list[steps.Step] = [steps.MakeDirectory("/var/run")]
+    # A fresh root has /var/run as a link to /run (container_spec); a given
+    # root keeps its own, made if missing.
+    prepare: list[steps.Step] = [] if spec.root is None else [steps.MakeDirectory("/var/run")]
     if spec.pid_file is not None:
         prepare.append(steps.RemovePath(spec.pid_file))
     return Extras(
