@@ -72,7 +72,9 @@ async def test_control_the_same_memory_fits_without_a_limit() -> None:
 
 async def test_fork_bomb_is_contained_and_the_host_stays_responsive() -> None:
     """Under pids=64 the bomb hits the limit, never passes it, and the host still forks."""
-    bomb = "bomb() { bomb | bomb & }; bomb; sleep 300"
+    # The sleep first, and PID 1 waiting: a `sleep` forked after the bomb
+    # could find no PID left, and PID 1 would exit (seen once in CI).
+    bomb = "sleep 300 & bomb() { bomb | bomb & }; bomb; wait"
     container = await ac.run_container(
         ["sh", "-c", bomb], mounts=SYSTEM, limits={"pids": 64}, stderr=subprocess.DEVNULL
     )
