@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from procfs import alive, children_of
 
 import asynccontainer as ac
 
@@ -75,21 +76,12 @@ async def ask(port: int, request: bytes) -> bytes:
 
 async def wait_gone(pids: list[int]) -> None:
     with anyio.fail_after(10):
-        while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
+        while any(alive(pid) for pid in pids):
             await anyio.sleep(0.02)
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as file:
-        return [int(child) for child in file.read().split()]
+    return sorted(children_of(pid))
 
 
 def user_of(pid: int) -> str:

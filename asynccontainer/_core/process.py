@@ -23,8 +23,6 @@ __all__ = ["ContainerProcessError", "open_process", "run_process"]
 
 # How much of a failed process's stderr its message shows (bytes).
 _ERROR_TAIL = 2000
-# What one read of a captured stream takes at most.
-_CHUNK = 65536
 
 
 class ContainerProcessError(subprocess.CalledProcessError):

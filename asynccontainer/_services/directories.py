@@ -24,13 +24,10 @@ import shutil
 import stat
 
 from .. import _kernel
-from .spec import _DIRECTORY_BASES
+from .spec import DIRECTORY_BASES
 
-__all__ = ["BASES", "make_directories", "remove_runtime_directories"]
+__all__ = ["make_directories", "remove_runtime_directories"]
 
-# The field of ServiceSpec, and where its directories go (systemd.exec(5),
-# "RuntimeDirectory=, StateDirectory=, CacheDirectory=, LogsDirectory=").
-BASES = _DIRECTORY_BASES
 _MODE = 0o755
 
 
@@ -95,6 +92,6 @@ def remove_runtime_directories(names: tuple[str, ...]) -> None:
     """Remove the service's runtime directories (the innermost of each), never through a link."""
     for name in names:
         try:
-            shutil.rmtree(f"{BASES['runtime_directories']}/{name}")
+            shutil.rmtree(f"{DIRECTORY_BASES['runtime_directories']}/{name}")
         except FileNotFoundError:
             pass

@@ -28,9 +28,9 @@ from .._forkserver.init import RELAYED_SIGNALS
 from .._plan.build import plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
-from .directories import BASES, make_directories, remove_runtime_directories
+from .directories import make_directories, remove_runtime_directories
 from .logs import LineLogger, open_log_file
-from .spec import ServiceSpec, service_extras
+from .spec import DIRECTORY_BASES, ServiceSpec, service_extras
 
 __all__ = ["Service", "ServiceGroup"]
 
@@ -276,7 +276,7 @@ class Service:
         spec = self.spec
         extras = service_extras(spec)
         plan, request = plan_container(spec.container_spec(), list(spec.command), extras=extras)
-        for field, base in BASES.items():
+        for field, base in DIRECTORY_BASES.items():
             for name in getattr(spec, field):
                 make_directories(base, name, extras.uid, extras.gid)
         log_fd = None

@@ -43,6 +43,7 @@ from .._spec.filesystems import (
 from .._spec.namespaces import NAMESPACES, normalize_namespaces
 
 __all__ = [
+    "DIRECTORY_BASES",
     "RUN",
     "ServiceSpec",
     "UnknownAccountError",
@@ -57,8 +58,9 @@ RUN = FileSystem(
 )
 """A service's own writable /run (a tmpfs), /var/run a link to it."""
 
-# The *_directories fields and their bases on the host and inside.
-_DIRECTORY_BASES = {
+# The *_directories fields and their bases, on the host and inside (systemd.exec(5),
+# "RuntimeDirectory=, StateDirectory=, CacheDirectory=, LogsDirectory=").
+DIRECTORY_BASES = {
     "runtime_directories": "/run",
     "state_directories": "/var/lib",
     "cache_directories": "/var/cache",
@@ -455,7 +457,7 @@ class ServiceSpec(SharedOptions):
                 ("root", self.root),
                 ("mappings", self.mappings),
                 ("populate", self.populate),
-                *((field, getattr(self, field)) for field in _DIRECTORY_BASES),
+                *((field, getattr(self, field)) for field in DIRECTORY_BASES),
             ),
         )
 
@@ -480,7 +482,7 @@ class ServiceSpec(SharedOptions):
             mounts.extend(self.mappings)
             mounts.extend(
                 FileSystemMapping(f"{base}/{name}", writable=True)
-                for field, base in _DIRECTORY_BASES.items()
+                for field, base in DIRECTORY_BASES.items()
                 for name in getattr(self, field)
             )
         env = self.environment
