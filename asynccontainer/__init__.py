@@ -60,6 +60,8 @@ _EXPORTS = {
     "DEFAULT_SECCOMP": "_spec.seccomp",
     "SeccompPolicy": "_spec.seccomp",
     "Service": "_services.group",
+    "ServiceEvent": "_services.group",
+    "ServiceEvents": "_services.group",
     "ServiceGroup": "_services.group",
     "ServiceSpec": "_services.spec",
     "UnknownAccountError": "_services.spec",
@@ -126,7 +128,7 @@ if TYPE_CHECKING:
         UntrustedValueError,
     )
     from ._plan.build import Target
-    from ._services.group import Service, ServiceGroup
+    from ._services.group import Service, ServiceEvent, ServiceEvents, ServiceGroup
     from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
     from ._spec.capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
     from ._spec.container import ContainerOptions, ContainerSpec
@@ -178,6 +180,8 @@ __all__ = [
     "ResourceUsage",
     "SeccompPolicy",
     "Service",
+    "ServiceEvent",
+    "ServiceEvents",
     "ServiceGroup",
     "ServiceSpec",
     "ServiceStartError",

@@ -647,7 +647,7 @@ def table_rows(lines: Lines, names: set[str], timeout: float) -> dict[str, list[
         line = lines.next(max(0.1, deadline - time.monotonic()))
         assert line is not None, f"the output ended: {lines.seen!r}"
         fields = line.split()
-        if fields == ["NAME", "PID", "STATE", "RESTARTS", "UPTIME"]:
+        if fields == ["NAME", "PID", "STATE", "RESTARTS", "UPTIME", "STATUS"]:
             rows = {}
         elif fields and fields[0] in names:
             rows[fields[0]] = fields
@@ -678,9 +678,34 @@ def test_services_run_until_sigterm(tmp_path: Path) -> None:
         all_gone(processes)
         # The last table says how each one ended.
         last = stdout.strip().split("\n\n")[-1].splitlines()
-        assert last[0].split() == ["NAME", "PID", "STATE", "RESTARTS", "UPTIME"]
+        assert last[0].split() == ["NAME", "PID", "STATE", "RESTARTS", "UPTIME", "STATUS"]
         assert sorted(line.split()[0] for line in last[1:]) == ["loop", "sleeper"]
         assert all("running" not in line for line in last[1:]), last
+
+
+NOTIFYING = """\
+[services.notifier]
+command = ["/usr/bin/python3", "-c", '''
+import os, socket, time
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.sendto(b"READY=1\\nSTATUS=serving 3 clients", os.environ["NOTIFY_SOCKET"])
+time.sleep(300)
+''']
+notify = true
+grace_period = 1
+"""
+
+
+def test_the_services_table_shows_the_notify_status(tmp_path: Path) -> None:
+    path = tmp_path / "services.toml"
+    path.write_text(NOTIFYING)
+    with background("services", str(path)) as process:
+        rows = table_rows(Lines(process.stdout), {"notifier"}, timeout=15)
+        assert rows["notifier"][5:] == ["serving", "3", "clients"]
+        assert cmdline(int(rows["notifier"][1]))[0] == "/usr/bin/python3"
+        process.terminate()
+        process.communicate(timeout=15)
+        assert process.returncode == 0
 
 
 def test_services_without_log_file_print_their_lines_on_stderr(tmp_path: Path) -> None:

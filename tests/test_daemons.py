@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -113,9 +114,8 @@ http {{
 """
 
 
-async def test_nginx(tmp_path: Path, name: str) -> None:
-    port = free_port()
-    spec = ac.ServiceSpec(
+def nginx(tmp_path: Path, name: str, port: int, **keywords: object) -> ac.ServiceSpec:
+    return ac.ServiceSpec(
         ["nginx", "-c", "/etc/ac-test/daemon.conf"],
         mappings=[config(tmp_path, NGINX.format(name=name, port=port))],
         pid_file="/run/nginx.pid",
@@ -123,7 +123,13 @@ async def test_nginx(tmp_path: Path, name: str) -> None:
         logs_directories=[name],
         stop_signal="SIGQUIT",  # nginx's graceful stop
         grace_period=5,
+        **keywords,  # type: ignore[arg-type]
     )
+
+
+async def test_nginx(tmp_path: Path, name: str) -> None:
+    port = free_port()
+    spec = nginx(tmp_path, name, port)
     async with ac.ServiceGroup() as group:
         service = await group.start(spec)
         assert service.pid is not None and user_of(service.pid) == "root"  # the master
@@ -135,6 +141,38 @@ async def test_nginx(tmp_path: Path, name: str) -> None:
     assert service.returncode == 0  # SIGQUIT: it finished its requests and exited
     await wait_gone(everything)
     assert "GET / HTTP/1.0" in Path(f"/var/log/{name}/access.log").read_text()
+
+
+async def test_nginx_master_killed_is_respawned_with_no_worker_left(
+    tmp_path: Path, name: str
+) -> None:
+    """The master is the main process (its PID file's): SIGKILL of it ends the service at
+    once, its workers are stopped (they would serve on), and respawn starts a new one."""
+    port = free_port()
+    spec = nginx(tmp_path, name, port, respawn=True)
+    async with ac.ServiceGroup() as group:
+        events = group.events()
+        service = await group.start(spec)
+        master = service.pid
+        assert master is not None
+        workers = children(master)
+        assert len(workers) == 2
+        os.kill(master, signal.SIGKILL)
+        restarting = False
+        with anyio.fail_after(20):
+            async for event in events:
+                if event.state == "restarting":
+                    assert event.returncode == -signal.SIGKILL
+                    restarting = True
+                if restarting and event.state == "running":
+                    break
+        events.close()
+        await wait_gone([master, *workers])
+        assert service.restarts == 1 and service.pid not in (None, master)
+        answer = await ask(port, b"GET / HTTP/1.0\r\n\r\n")
+        assert answer.endswith(b"hello from nginx\n")
+        everything = [service.pid, *children(service.pid)]
+    await wait_gone(everything)
 
 
 # -- memcached: in the foreground, as its user ---------------------------------------
@@ -178,6 +216,33 @@ async def test_redis_forking_as_its_user(name: str) -> None:
         pid = service.pid
     await wait_gone([pid])
     assert not os.path.exists(f"/run/{name}")
+
+
+async def test_redis_with_notify(name: str) -> None:
+    """redis speaks sd_notify with --supervised systemd: READY=1 once it accepts
+    connections, and a STATUS= text."""
+    port = free_port()
+    spec = ac.ServiceSpec(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
+            *("--supervised", "systemd", "--daemonize", "no", "--dir", f"/var/lib/{name}"),
+            *("--save", "", "--appendonly", "no"),
+        ],
+        user="redis",
+        notify=True,
+        state_directories=[name],
+    )
+    async with ac.ServiceGroup() as group:
+        service = await group.start(spec)
+        # Ready means ready: no retry needed to connect.
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            await stream.send(b"PING\r\n")
+            assert await stream.receive() == b"+PONG\r\n"
+        assert service.status_text.startswith("Ready to accept connections")
+        assert service.pid is not None and user_of(service.pid) == "redis"
+        pid = service.pid
+    await wait_gone([pid])
 
 
 # -- dnsmasq: a DNS query answered ----------------------------------------------------

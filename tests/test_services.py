@@ -963,15 +963,17 @@ async def test_a_forged_status_byte_changes_nothing_but_what_the_status_says() -
     assert status == 130
 
 
-async def test_wait_reports_the_last_process_of_the_namespace() -> None:
-    # The command exits 0 at once; its forked child lives on a little and
-    # exits 5: the init waits for it and reports its status.
+async def test_the_main_process_ending_ends_the_service_and_stops_the_rest() -> None:
+    """systemd's rule: the command (the main process) exits 3, and its forked child,
+    which would run for a minute, is stopped with the stop signal; the service's
+    returncode is the main process's (through the init, which reaps both)."""
     async with ac.ServiceGroup() as group:
-        service = await group.start(ac.ServiceSpec(sh("(sleep 0.3; exit 5) & exit 0")))
-        started = anyio.current_time()
+        service = await group.start(
+            ac.ServiceSpec(sh("sleep 60 & echo $! > /run/child; exit 3"), grace_period=10)
+        )
         with anyio.fail_after(5):
-            assert await service.wait() == 5
-        assert anyio.current_time() - started >= 0.2
+            assert await service.wait() == 3
+        assert service.state == "failed"
 
 
 @pytest.mark.parametrize("namespaces", [None, ["mnt"]], ids=["default", "mnt-only"])

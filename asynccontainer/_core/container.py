@@ -127,8 +127,10 @@ class Container:
         # in its cgroup (no pid namespace): the status socket stays open
         # for `_end_remains`.
         self._lingering = False
-        # The read end of its init's status pipe (see `_through_init`), if it has one.
+        # The read end of its init's status pipe (see `_through_init`), if it
+        # has one, and whether that init stays while any process is left.
         self._init_status: int | None = None
+        self._init_stays = False
         # The caller's ends of its piped stdio (subprocess.PIPE), if any.
         self.stdin = None
         self.stdout = None
@@ -204,14 +206,27 @@ class Container:
         if fd is None:
             return returncode
         try:
-            data = os.read(fd, 1)
+            data = os.read(fd, 4 if self._init_stays else 1)
         except BlockingIOError:
             data = b""
         finally:
             os.close(fd)
+        if self._init_stays:
+            return _command_status(data, returncode)
         if data and 0 < data[0] < 128 and returncode == 128 + data[0]:
             return -data[0]
         return returncode
+
+    def _target_dup(self) -> int | None:
+        """Return a new fd of the init's status pipe, which turns readable when the target ends.
+
+        Only for an init that stays (a service's): it writes there as soon
+        as it reaps the target. A copy, as the pipe's own fd is closed when
+        the container ends, maybe while a task still waits on the copy.
+        """
+        if not self._init_stays or self._init_status is None:
+            return None
+        return os.dup(self._init_status)
 
     def _finish(self, returncode: int) -> None:
         self._returncode = returncode
@@ -577,6 +592,7 @@ async def spawn(
         if status_read >= 0:
             os.close(fds[-1])
     container._init_status = status_read if status_read >= 0 else None
+    container._init_stays = init is not None and not init.follow_child
     try:
         root = await await_ready(container, handshake, plan)
     except BaseException:
@@ -726,6 +742,28 @@ async def await_ready(
         if root is not None:
             os.close(root)
         raise
+
+
+def _command_status(data: bytes, returncode: int) -> int:
+    """Return the returncode of the command of an init that stays, from its wait status.
+
+    The init exits with the command's status (128+N for signal N). It may
+    also have been SIGKILLed, after the command, to end what was left
+    (the stop of a service past its grace period): the command's status
+    holds then too. A process of the container can write to the pipe; it
+    can make the status look like any other status of its own choosing,
+    which it could have exited with.
+    """
+    if len(data) != 4:
+        return returncode
+    status = int.from_bytes(data, sys.byteorder, signed=True)
+    try:
+        code = os.waitstatus_to_exitcode(status)
+    except ValueError:
+        return returncode  # not an exit status at all
+    if returncode in (128 - code if code < 0 else code, -signal.SIGKILL):
+        return code
+    return returncode
 
 
 def _sends_root(plan: ContainerPlan | None) -> bool:

@@ -6,9 +6,13 @@
  * server's memory. Linked without libc (-nostdlib -static): it runs in a
  * container whose root holds no libc of the host's.
  *
- * Usage: ac-init TARGET [STATUS_FD] (TARGET: the PID to follow, or 0 for
- * every process; STATUS_FD: a pipe to the caller, which reads there the
- * signal the followed process died of, to report -N rather than 128+N).
+ * Usage: ac-init TARGET [STATUS_FD] follows TARGET (the PID of the command);
+ * ac-stay TARGET [STATUS_FD] stays while any process is left (a service's).
+ * STATUS_FD is a pipe to the caller. Following, the init writes there the
+ * signal TARGET died of, as one byte, so that the caller reports -N rather
+ * than 128+N; staying, it writes TARGET's wait status (4 bytes) as soon as
+ * TARGET is reaped, so that the caller learns at once that a service's
+ * main process ended.
  */
 
 #include "cexec_sys.h"
@@ -17,7 +21,7 @@
 
 /* With a signalfd, not handlers: every container's init shares the fork
  * server's memory, so no global may say whom to relay to. */
-static void init_loop(int target, int status_fd)
+static void init_loop(int target, int status_fd, int stay)
 {
     uint64_t relayed = 0;
     static const int signals[] = {15, 2, 1, 10, 12, 3}; /* TERM INT HUP USR1 USR2 QUIT */
@@ -28,6 +32,9 @@ static void init_loop(int target, int status_fd)
     long sfd = S4(SYS_signalfd4, -1, &mask, 8, O_CLOEXEC_);
     if (sfd < 0)
         S1(SYS_exit_group, EXIT_SETUP_FAILED);
+    /* SIGPIPE blocked: a caller gone makes a write fail, not kill PID 1. */
+    uint64_t pipe_mask = 1ull << (13 - 1);
+    S4(SYS_rt_sigprocmask, SIG_BLOCK_, &pipe_mask, 0, 8);
     int last = 0;
     for (;;) {
         /* Reap first: a child that exited before the signalfd existed sent
@@ -42,12 +49,15 @@ static void init_loop(int target, int status_fd)
                 done = 1; /* no child left */
                 break;
             }
-            if (!target || pid == target) {
+            if (pid == target) {
                 last = status;
-                if (pid == target) {
-                    done = 1;
-                    break;
+                if (stay) {
+                    if (status_fd >= 0)
+                        S3(SYS_write, status_fd, &status, sizeof status);
+                    continue;
                 }
+                done = 1;
+                break;
             }
         }
         if (done)
@@ -56,7 +66,7 @@ static void init_loop(int target, int status_fd)
         long got = S3(SYS_read, sfd, info, sizeof info);
         if (got == -EINTR_ || got == (long)sizeof info) {
             if (got > 0 && info[0] != SIGCHLD_)
-                S2(SYS_kill, target ? target : -1, info[0]);
+                S2(SYS_kill, stay ? -1 : target, info[0]);
             continue;
         }
         break;
@@ -66,10 +76,7 @@ static void init_loop(int target, int status_fd)
         /* PID 1 cannot die of a signal it sends itself: 128+N, and N on
          * the status pipe, whose reader then reports -N. */
         unsigned char sig = (unsigned char)(last & 0x7f);
-        /* SIGPIPE blocked: a caller gone makes the write fail, not kill PID 1. */
-        uint64_t pipe_mask = 1ull << (13 - 1);
-        S4(SYS_rt_sigprocmask, SIG_BLOCK_, &pipe_mask, 0, 8);
-        if (status_fd >= 0)
+        if (status_fd >= 0 && !stay)
             S3(SYS_write, status_fd, &sig, 1);
         code = 128 + sig;
     } else {
@@ -208,7 +215,8 @@ int ac_init_main(long argc, char **argv)
         return enter(argc, argv, envp);
     /* Named as the Python executor's init is: "_acinit" is its file's. */
     S2(SYS_prctl, PR_SET_NAME_, "ac-init");
-    init_loop(argc > 1 ? (int)number(argv[1]) : 0, argc > 2 ? (int)number(argv[2]) : -1);
+    int stay = argc > 0 && ac_same(argv[0], "ac-stay");
+    init_loop(argc > 1 ? (int)number(argv[1]) : 0, argc > 2 ? (int)number(argv[2]) : -1, stay);
     return 0;
 }
 

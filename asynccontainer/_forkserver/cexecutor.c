@@ -591,14 +591,14 @@ static long run_step(struct state *st, const struct step *s)
         if (child < 0)
             return child;
         if (child > 0) {
-            char number[24], *end = decimal(number, n[0] ? (uint64_t)child : 0);
+            char number[24], *end = decimal(number, (uint64_t)child);
             *end = 0;
             /* The status pipe stays open across the exec: ac-init writes
-             * the signal the target died of there (see acinit.c). */
+             * how the target ended there (see acinit.c). */
             char status[24];
             end = decimal(status, n[2] >= 0 ? (uint64_t)n[2] : 0);
             *end = 0;
-            const char *argv[] = {"ac-init", number, n[2] >= 0 ? status : 0, 0};
+            const char *argv[] = {n[0] ? "ac-init" : "ac-stay", number, n[2] >= 0 ? status : 0, 0};
             const char *envp[] = {0};
             S1(SYS_close, st->handshake);
             S5(SYS_execveat, st->init, "", argv, envp, AT_EMPTY_PATH_);

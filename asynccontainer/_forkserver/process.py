@@ -99,7 +99,7 @@ def start_init(state: State, step: steps.StartInit) -> None:
     child = os.fork()
     if child != 0:
         state.handshake.close()
-        run_init(child if step.follow_child else None, step.status_fd)
+        run_init(child, step.status_fd, stay=not step.follow_child)
     if step.status_fd >= 0:
         os.close(step.status_fd)  # never the target's: only the init reports
 

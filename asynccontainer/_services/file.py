@@ -213,17 +213,17 @@ def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
     return specs, errors
 
 
-_COLUMNS = ("NAME", "PID", "STATE", "RESTARTS", "UPTIME")
+# PID is the main process's (its PID file's, MAINPID='s, or the command's);
+# STATUS the last STATUS= of a service with notify=True.
+_COLUMNS = ("NAME", "PID", "STATE", "RESTARTS", "UPTIME", "STATUS")
 
 
 def _state(service: Service) -> str:
-    if service.running:
-        return "running"
     if service.disabled:
         return "disabled"
     if service.returncode is not None:
         return f"exited {service.returncode}"
-    return "restarting" if service.spec.respawn else "stopped"
+    return service.state
 
 
 def _uptime(seconds: float) -> str:
@@ -242,7 +242,7 @@ def _rows(
         service = services.get(spec.name)
         if service is None:
             state = "failed" if spec.name in failed else "starting"
-            rows.append((spec.name, "-", state, "0", "-"))
+            rows.append((spec.name, "-", state, "0", "-", ""))
             continue
         rows.append(
             (
@@ -251,6 +251,7 @@ def _rows(
                 _state(service),
                 str(service.restarts),
                 _uptime(service.uptime) if service.running else "-",
+                service.status_text,
             )
         )
     return rows

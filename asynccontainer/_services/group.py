@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import _kernel
 from .._core.container import _REAP_TIMEOUT, Container, _StdioFds, spawn
@@ -29,15 +33,86 @@ from .._plan.build import plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
 from .directories import make_directories, remove_runtime_directories
-from .logs import LineLogger, open_log_file
+from .logs import LineLogger, Rotation, open_log_file
+from .notify import NotifySocket
 from .spec import DIRECTORY_BASES, ServiceSpec, service_extras
 
-__all__ = ["Service", "ServiceGroup"]
+__all__ = ["Service", "ServiceEvent", "ServiceEvents", "ServiceGroup"]
+
+_T = TypeVar("_T")
 
 # How many lines of its output a service keeps (`recent_log`), and how many
 # of them a ServiceStartError shows.
 RECENT_LINES = 100
 LOG_LINES_IN_ERROR = 10
+# The longest STATUS= text kept (systemd shows one line of it).
+MAX_STATUS = 200
+# States in which `ServiceEvent.returncode` is the last exit status.
+_ENDED_STATES = ("stopped", "failed", "restarting")
+
+
+@attrs.frozen
+class ServiceEvent:
+    """A change of a service's state, as `ServiceGroup.events` yields it.
+
+    Attributes:
+        service: the `Service` that changed.
+        state: its new `Service.state`.
+        time: when, as time.time() (seconds since the epoch).
+        returncode: its last exit status when the state is "stopped",
+            "failed" or "restarting"; else None.
+    """
+
+    service: Service
+    state: str
+    time: float
+    returncode: int | None
+
+
+class ServiceEvents:
+    """The `ServiceEvent` items of a group, as `ServiceGroup.events` returns them.
+
+    An async iterator (``async for event in events``) that ends when the
+    group is left and its services are down; also an async context manager
+    and `close()`, to stop listening before that.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("ServiceEvents is not constructed directly: group.events() returns one")
+
+    @classmethod
+    def _of(cls, receive: MemoryObjectReceiveStream[ServiceEvent]) -> ServiceEvents:
+        events = cls.__new__(cls)
+        events._receive = receive
+        return events
+
+    _receive: MemoryObjectReceiveStream[ServiceEvent]
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ServiceEvent:
+        """Return the next event; the next after a cancellation, none lost."""
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._receive.close()
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop listening: the iteration ends, and the group keeps nothing more for it."""
+        self._receive.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        receive = getattr(self, "_receive", None)
+        if receive is not None:
+            receive.close()
 
 
 class Service:
@@ -82,10 +157,29 @@ class Service:
         # restart(): the supervisor starts it again once it is down, and sets this.
         self._restart: anyio.Event | None = None
         self._stopping = False
+        # The state last told to the group's listeners.
+        self._announced: str | None = None
+        # sd_notify: its socket (for the service's life), the task reading
+        # it, the last STATUS=, READY=1 of the current launch, and the
+        # reload in progress (set by READY=1 after RELOADING=1).
+        self._notify: NotifySocket | None = None
+        self._notify_scope: anyio.CancelScope | None = None
+        self._status_text = ""
+        self._ready_event = anyio.Event()
+        self._reloaded: anyio.Event | None = None
+        self._reload_seen = False
+        # Cancelled when MAINPID= names another main process, which the
+        # watcher then follows; the pidfds it no longer needs wait here.
+        self._main_scope = anyio.CancelScope()
+        self._old_pidfds: list[int] = []
+        self._translator: PidTranslator | None = None
+        # With a pid namespace and neither a PID file nor MAINPID=, the main
+        # process is the command, which the init tells the end of.
+        self._main_is_command = False
 
     @property
     def restarts(self) -> int:
-        """How many times the service was respawned (after a death, not by `restart`)."""
+        """How many times a respawn was started (after a death, not by `restart`)."""
         return self._restarts
 
     @property
@@ -97,6 +191,11 @@ class Service:
         "restarting".
         """
         return self._state
+
+    @property
+    def status_text(self) -> str:
+        """The last STATUS= the service sent (notify=True), as printable text; "" before any."""
+        return self._status_text
 
     @property
     def recent_log(self) -> list[str]:
@@ -131,15 +230,34 @@ class Service:
     async def reload(self) -> None:
         """Send the service its `reload_signal` (SIGHUP by default), as `systemctl reload`.
 
+        With notify=True, returns once the service said READY=1 after
+        RELOADING=1 (systemd's Type=notify-reload); else at once.
+
         Raises:
             RuntimeError: the service is not running.
+            TimeoutError: with notify=True, READY=1 did not follow within
+                `start_timeout`; the service is left running.
+
+        Cancellation: the signal is sent; the wait for READY=1 ends.
         """
         if not self.running:
             raise RuntimeError(
                 f"service {self.name!r} is {self._state}: there is nothing to reload"
             )
+        if not self.spec.notify:
+            self.send_signal(self.spec.reload_signal)
+            await anyio.lowlevel.checkpoint()
+            return
+        done = self._reloaded = anyio.Event()
+        self._reload_seen = False
         self.send_signal(self.spec.reload_signal)
-        await anyio.lowlevel.checkpoint()
+        with anyio.move_on_after(self.spec.start_timeout):
+            await done.wait()
+            return
+        raise TimeoutError(
+            f"service {self.name!r} did not send RELOADING=1 then READY=1 within "
+            f"{self.spec.start_timeout} s of its reload signal"
+        )
 
     async def restart(self) -> None:
         """Stop the service (its stop signal, SIGKILL after the grace period) and start it again.
@@ -157,7 +275,7 @@ class Service:
                 f"service {self.name!r} is {self._state}: start a new one with group.start"
             )
         restarted = self._restart = anyio.Event()
-        self._state = "stopping"
+        self._set_state("stopping")
         await self._terminate()
         await restarted.wait()
         if self._finished.is_set():
@@ -211,8 +329,7 @@ class Service:
         return None if self._container is None else self._container.usage
 
     def __repr__(self) -> str:
-        state = "running" if self.running else ("disabled" if self.disabled else "stopped")
-        return f"<Service {self.name!r} pid={self._pid} {state}>"
+        return f"<Service {self.name!r} pid={self._pid} {self._state}>"
 
     def _stopped_state(self) -> str:
         """Return the state of a service down for good: stopped by us, or failed on its own."""
@@ -243,12 +360,21 @@ class Service:
         self._stopping = True
         with anyio.CancelScope(shield=True):
             if not self._finished.is_set():
-                self._state = "stopping"
+                self._set_state("stopping")
                 await self._terminate()
                 self._finish()
         return await self.wait()
 
     # -- internals --------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        """Record a change of state and tell the group's listeners (`ServiceEvent`)."""
+        self._state = state
+        if state == self._announced:
+            return
+        self._announced = state
+        returncode = self._returncode if state in _ENDED_STATES else None
+        self._group._announce(ServiceEvent(self, state, time.time(), returncode))
 
     def _set_root(self, fd: int | None) -> None:
         if self._root_fd is not None:
@@ -259,11 +385,14 @@ class Service:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        while self._old_pidfds:
+            os.close(self._old_pidfds.pop())
         self._set_root(None)
+        self._close_notify()
         if not self._finished.is_set():
             # As systemd's RuntimeDirectory=: gone when the service is.
             remove_runtime_directories(self.spec.runtime_directories)
-            self._state = self._stopped_state()
+            self._set_state(self._stopped_state())
         self._finished.set()
         if self._restart is not None:
             self._restart.set()
@@ -274,16 +403,33 @@ class Service:
         Cancellation or failure: whatever was started is stopped first.
         """
         spec = self.spec
-        extras = service_extras(spec)
-        plan, request = plan_container(spec.container_spec(), list(spec.command), extras=extras)
+        self._set_state("starting")
+        if spec.notify and self._notify is None:
+            # One socket for the service's life, across respawns (as systemd's).
+            self._notify = NotifySocket()
+            self._notify_scope = self._group._run(self._listen, f"notify of {spec.name}", None)
+        notify_path = None if self._notify is None else self._notify.path
+        extras = service_extras(spec, notify_path)
+        plan, request = plan_container(
+            spec.container_spec(notify_socket=notify_path), list(spec.command), extras=extras
+        )
         for field, base in DIRECTORY_BASES.items():
             for name in getattr(spec, field):
                 make_directories(base, name, extras.uid, extras.gid)
         log_fd = None
+        rotation = None
         if spec.log_file is not None:
             log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
+            if spec.log_max_bytes is not None:
+                try:
+                    rotation = Rotation(
+                        spec.log_file, spec.log_max_bytes, spec.log_keep, extras.uid, extras.gid
+                    )
+                except BaseException:
+                    os.close(log_fd)
+                    raise
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent)
+        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent, rotation)
         stdio = _StdioFds()
         try:
             stdio.add("stdin", 0, subprocess.DEVNULL)
@@ -305,17 +451,24 @@ class Service:
         self._returncode = None
         self._ended = anyio.Event()
         self._settled = anyio.Event()
+        self._ready_event = anyio.Event()
+        self._main_scope = anyio.CancelScope()
+        self._main_is_command = "pid" in spec.namespaces and spec.pid_file is None
+        self._translator = None
         self._group._run(self._watch, f"watch of {spec.name}", None)
         try:
+            if spec.notify:
+                self._translator = await _translator_of(container)
             pid = await self._ready(container)
-            self._pid = pid
-            try:
-                self._pidfd = _kernel.pidfd_open(pid)
-            except ProcessLookupError:
-                # Started, and already gone (a command that exits at once):
-                # the watcher sees the end, and the supervisor takes it from
-                # there, as for any death.
-                self._pidfd = None
+            if self._pid is None:  # not named by MAINPID= already
+                self._pid = pid
+                try:
+                    self._pidfd = _kernel.pidfd_open(pid)
+                except ProcessLookupError:
+                    # Started, and already gone (a command that exits at
+                    # once): the watcher sees the end, and the supervisor
+                    # takes it from there, as for any death.
+                    self._pidfd = None
         except BaseException:
             self._settled.set()
             with anyio.CancelScope(shield=True):
@@ -324,11 +477,13 @@ class Service:
             raise
         self._settled.set()
         self._started_at = time.monotonic()
-        self._state = "running"
+        self._set_state("running")
 
     async def _ready(self, container: Container) -> int:
         """Return the service's host PID once it is ready."""
         spec = self.spec
+        if spec.notify:
+            return await self._wait_notified(container)
         if spec.pid_file is None:
             return _main_process(container, init="pid" in spec.namespaces)
         pid_file = spec.pid_file
@@ -337,11 +492,16 @@ class Service:
             # With a pid namespace the init lives as long as the service,
             # and its namespace is the one to translate from (ProcessLookupError
             # if it has ended already); without one, PIDs are the host's.
-            translate = PidTranslator(container.pid if "pid" in spec.namespaces else None)
+            translate = PidTranslator(None)
+            if "pid" in spec.namespaces:
+                found = await _translator_of(container)
+                if found is None:
+                    raise ProcessLookupError(3, "the service's init has ended")
+                translate = found
             root = None if self._root_fd is None else os.dup(self._root_fd)
             return await wait_for_pid_file(
                 pid_file,
-                timeout=spec.pid_file_timeout,
+                timeout=spec.start_timeout,
                 root_fd=root,
                 translate=translate,
                 where=f" of service {spec.name!r}",
@@ -349,15 +509,32 @@ class Service:
 
         if "pid" not in spec.namespaces:
             return await read()
-
         # With an init, the container ending means the service died before
         # writing its PID file: no use waiting for the timeout.
-        outcome: list[int | BaseException] = []
+        return await self._race_death(read, f"before its PID file {pid_file} named a live process")
+
+    async def _wait_notified(self, container: Container) -> int:
+        """Return the main process's host PID once READY=1 came (notify=True)."""
+        timeout = self.spec.start_timeout
+        with anyio.move_on_after(timeout):
+            await self._race_death(self._ready_event.wait, "before it sent READY=1")
+        if not self._ready_event.is_set():
+            raise TimeoutError(
+                f"service {self.name!r} sent no READY=1 within start_timeout={timeout} s "
+                "(its processes were killed); is it built with sd_notify, or told to use it?"
+            )
+        if self._pid is not None:
+            return self._pid  # MAINPID= named it
+        return _main_process(container, init=True)
+
+    async def _race_death(self, ready: Callable[[], Awaitable[_T]], when: str) -> _T:
+        """Return what `ready()` returns; raise ServiceStartError if every process ends first."""
+        outcome: list[Any] = []
         async with anyio.create_task_group() as race:
 
-            async def reader() -> None:
+            async def waiter() -> None:
                 try:
-                    outcome.append(await read())
+                    outcome.append(await ready())
                 except ProcessLookupError:
                     return  # the init has ended: died() says so, with the status
                 except Exception as exc:
@@ -366,16 +543,15 @@ class Service:
 
             async def died() -> None:
                 await self._ended.wait()
-                when = f"before its PID file {spec.pid_file} named a live process"
                 outcome.append(await self._start_error(when))
                 race.cancel_scope.cancel()
 
-            race.start_soon(reader)
+            race.start_soon(waiter)
             race.start_soon(died)
         first = outcome[0]
         if isinstance(first, BaseException):
             raise first
-        return first
+        return first  # type: ignore[no-any-return]
 
     async def _start_error(self, when: str) -> ServiceStartError:
         """Return the error of a service whose processes all ended `when`, with its last lines."""
@@ -388,31 +564,197 @@ class Service:
         return ServiceStartError(self.name, returncode, log, when)
 
     async def _watch(self) -> None:
-        """Set `_ended` once every process of the current launch is gone (also if this fails)."""
+        """Set `_ended` once the current launch has ended (also if this fails).
+
+        It has ended when its main process has (systemd's rule: what is
+        left is stopped, as `_stop_rest` does), or when every process has.
+        """
         container = self._container
         assert container is not None
         ended = self._ended
         try:
-            try:
-                self._returncode = await container.wait()
-            except ContainerError as exc:
-                # The fork server died; the container died with it
-                # (PR_SET_PDEATHSIG), and wait() says -SIGKILL.
-                self._returncode = container.returncode
-                self._lost = exc
-            if "pid" not in self.spec.namespaces:
-                # Without a pid namespace, a daemon outlives its container's
-                # first process: follow it too, through its pidfd, which turns
-                # readable when it exits (pidfd_open(2)).
-                await self._settled.wait()
-                if self._pidfd is not None and self._pid != container.pid:
-                    await anyio.wait_readable(self._pidfd)
+            if await self._follow(container):
+                await self._stop_rest(container)
+            status = await self._main_status(container)
+            if status is not None:
+                self._returncode = os.waitstatus_to_exitcode(status)
         finally:
             # The service is down: what its processes forked and left in its
             # cgroup goes with it (as systemd's KillMode=control-group).
             with anyio.CancelScope(shield=True):
                 await container._end_remains()
             ended.set()
+
+    async def _wait_container(self, container: Container) -> bool:
+        """Wait for the container's first process (its init, with "pid"); return True."""
+        try:
+            self._returncode = await container.wait()
+        except ContainerError as exc:
+            # The fork server died; the container died with it
+            # (PR_SET_PDEATHSIG), and wait() says -SIGKILL.
+            self._returncode = container.returncode
+            self._lost = exc
+        return True
+
+    async def _follow(self, container: Container) -> bool:
+        """Wait until the launch ends; return True if its main process ended and others live."""
+        main_ended = False
+        done = False
+        async with anyio.create_task_group() as race:
+
+            async def whole() -> None:
+                nonlocal done
+                done = await self._wait_container(container)
+                if "pid" not in self.spec.namespaces:
+                    # Without one, a daemon outlives its container's first
+                    # process: main() follows it.
+                    await self._settled.wait()
+                    if self._pidfd is not None and self._pid != container.pid:
+                        return
+                race.cancel_scope.cancel()
+
+            async def main() -> None:
+                nonlocal main_ended
+                await self._settled.wait()
+                while True:
+                    with self._main_scope:  # cancelled when MAINPID= names another
+                        if not await self._main_exit(container):
+                            return  # nothing to follow but the whole container
+                        main_ended = True
+                        race.cancel_scope.cancel()
+                        return
+
+            race.start_soon(whole)
+            race.start_soon(main)
+        return main_ended and not done
+
+    async def _main_exit(self, container: Container) -> bool:
+        """Wait until the main process exits; return False at once if it cannot be followed."""
+        if self._main_is_command:
+            # Its init writes on the status pipe as soon as it reaps the
+            # command: no PID of it is needed, so none can be the wrong one.
+            fd = container._target_dup()
+            if fd is None:
+                return False
+            try:
+                await anyio.wait_readable(fd)
+            finally:
+                os.close(fd)
+            return True
+        if self._pidfd is None:
+            return False
+        # A pidfd turns readable when its process exits (pidfd_open(2)).
+        await anyio.wait_readable(self._pidfd)
+        return True
+
+    async def _stop_rest(self, container: Container) -> None:
+        """Stop what outlives the main process: the stop signal, SIGKILL after the grace period."""
+        self._signal_all(self.spec.stop_signal)
+        with anyio.move_on_after(self.spec.grace_period):
+            await self._wait_container(container)
+            return
+        self._signal_all(signal.SIGKILL)
+        with anyio.move_on_after(_REAP_TIMEOUT):
+            await self._wait_container(container)
+
+    async def _main_status(self, container: Container) -> int | None:
+        """Return the wait status of the ended main process, if it is not the container's own."""
+        pidfd = self._pidfd
+        if (
+            pidfd is None
+            or not self._settled.is_set()
+            or self._main_is_command
+            or self._pid == container.pid
+        ):
+            return None  # the container's returncode is the main process's
+        status = _kernel.pidfd_exit_status(pidfd)
+        if status is None and "pid" not in self.spec.namespaces:
+            # With an init, every process is reaped by now; without one, the
+            # daemon's parent (a subreaper, or the host's init) reaps it soon.
+            with anyio.move_on_after(1):
+                while status is None:
+                    await anyio.sleep(0.01)
+                    status = _kernel.pidfd_exit_status(pidfd)
+        return status
+
+    # -- sd_notify ----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Read the notify socket for the service's life, then close it."""
+        notify = self._notify
+        assert notify is not None
+        try:
+            async for fields in notify.messages(self._is_member):
+                self._on_notify(fields)
+        finally:
+            notify.close()
+
+    def _close_notify(self) -> None:
+        """End the notify socket's reader, which closes the socket."""
+        if self._notify_scope is not None:
+            self._notify_scope.cancel()
+            self._notify_scope = None
+
+    def _is_member(self, pid: int) -> bool:
+        """Return True if host PID `pid` is a process of the current launch's pid namespace."""
+        translator = self._translator
+        if translator is None or translator.namespace is None:
+            return False
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            return False  # gone already (a sender that exits at once is not heard)
+        return (theirs.st_dev, theirs.st_ino) == translator.namespace
+
+    def _on_notify(self, fields: dict[str, str]) -> None:
+        """Act on one accepted notify datagram (sd_notify(3)'s fields)."""
+        if "MAINPID" in fields:
+            self._take_main_pid(fields["MAINPID"])
+        if "STATUS" in fields:
+            # Shown in a terminal's table: no escape sequence gets through.
+            text = "".join(c if c.isprintable() else " " for c in fields["STATUS"])
+            self._status_text = text[:MAX_STATUS]
+        if fields.get("STOPPING") == "1" and self._state == "running":
+            self._set_state("stopping")
+        if fields.get("RELOADING") == "1" and self._state == "running":
+            self._reload_seen = True
+            self._set_state("reloading")
+        if fields.get("READY") == "1":
+            self._ready_event.set()
+            if self._state == "reloading":
+                self._set_state("running")
+                if self._reloaded is not None and self._reload_seen:
+                    self._reloaded.set()
+
+    def _take_main_pid(self, text: str) -> None:
+        """Follow the process MAINPID= names, if it is one of the service's and alive."""
+        translator = self._translator
+        if not text.isdigit() or len(text) > 8 or translator is None or self._ended.is_set():
+            return
+        if translator.level and int(text) == 1:
+            return  # its init, which is the caller's and follows the rest anyway
+        try:
+            host = translator(int(text))
+        except Exception:  # no such process there: the datagram is ignored
+            return
+        if host == self._pid:
+            return
+        try:
+            pidfd = _kernel.pidfd_open(host)
+        except ProcessLookupError:
+            return
+        if not self._is_member(host):
+            # The PID was reused between the lookup and the pidfd.
+            os.close(pidfd)
+            return
+        if self._pidfd is not None:
+            # Not closed here: the watcher may be waiting on it until it
+            # sees the cancellation.
+            self._old_pidfds.append(self._pidfd)
+        self._pid, self._pidfd = host, pidfd
+        self._main_is_command = False
+        self._main_scope.cancel()
+        self._main_scope = anyio.CancelScope()
 
     async def _terminate(self) -> None:
         """SIGTERM every process of the service, SIGKILL after the grace period, wait."""
@@ -477,7 +819,7 @@ class Service:
                     )
                     self._finish()
                     return
-                self._state = "restarting"
+                self._set_state("restarting")
                 if restarting is None:
                     logger.warning(
                         "service %r exited with status %s; respawning", self.name, self._returncode
@@ -488,6 +830,10 @@ class Service:
                     os.close(self._pidfd)
                     self._pidfd = None
                 self._restart = None
+                if restarting is None:
+                    # Counted before the start, so that whoever sees it
+                    # "running" again sees the count too.
+                    self._restarts += 1
                 try:
                     await self._launch()
                 except Exception as exc:
@@ -498,9 +844,7 @@ class Service:
                         restarting.set()
                         return
                     continue
-                if restarting is None:
-                    self._restarts += 1
-                else:
+                if restarting is not None:
                     restarting.set()
 
     def _throttled(self) -> bool:
@@ -531,6 +875,23 @@ def _main_process(container: Container, *, init: bool) -> int:
     return container.pid
 
 
+async def _translator_of(container: Container) -> PidTranslator | None:
+    """Return the PidTranslator of a container's pid namespace; None if it has ended.
+
+    Read once, while its init surely lives (PidTranslator's rule). Its
+    namespace's link may be refused for a moment (EACCES, seen once in a
+    few hundred starts, as its init execs): tried again, for a bounded time.
+    """
+    for _ in range(100):
+        try:
+            return PidTranslator(container.pid)
+        except ProcessLookupError:
+            return None  # gone already: the watcher sees the end
+        except PermissionError:
+            await anyio.sleep(0.01)
+    return PidTranslator(container.pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -553,10 +914,11 @@ class ServiceGroup:
         self._starts: dict[anyio.CancelScope, anyio.Event] = {}
         self._log_done: list[anyio.Event] = []
         self._helper_scopes: list[anyio.CancelScope] = []
+        self._listeners: list[MemoryObjectSendStream[ServiceEvent]] = []
         self._entered = False
         self._closed = False
 
-    def _run(self, function: Any, name: str, done: anyio.Event | None) -> None:
+    def _run(self, function: Any, name: str, done: anyio.Event | None) -> anyio.CancelScope:
         """Run a helper task (logger, watcher, supervisor) in the group's task group.
 
         It is shielded: a cancellation of the block around the group must
@@ -573,6 +935,35 @@ class ServiceGroup:
                 await function()
 
         self._task_group.start_soon(shielded, name=name)
+        return scope
+
+    def _announce(self, event: ServiceEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.send_nowait(event)  # unbounded: a slow reader holds no service up
+            except anyio.BrokenResourceError:
+                self._listeners.remove(listener)  # its reader closed it
+                listener.close()
+
+    def events(self) -> ServiceEvents:
+        """Return a stream of a `ServiceEvent` for every change of state of the group's services.
+
+        It holds the changes from this call on, in order, none lost however
+        slowly it is read; iterate it (``async for event in
+        group.events():``), in a task of its own if need be. The iteration
+        ends once the group's block is left and its services are down.
+        Closing the stream (``async with``, or ``close()``) ends it early.
+        Cancellation of a reader loses nothing: the next read gets the
+        next event.
+
+        Raises:
+            RuntimeError: the group is not entered, or already left.
+        """
+        if not self._entered or self._closed:
+            raise RuntimeError("call group.events() inside 'async with ServiceGroup() as group:'")
+        send, receive = anyio.create_memory_object_stream[ServiceEvent](math.inf)
+        self._listeners.append(send)
+        return ServiceEvents._of(receive)
 
     @property
     def services(self) -> tuple[Service, ...]:
@@ -613,6 +1004,9 @@ class ServiceGroup:
                     await done.wait()
             for scope in self._helper_scopes:
                 scope.cancel()
+        for listener in self._listeners:
+            listener.close()  # every events() iterator ends
+        self._listeners.clear()
         self._task_group.cancel_scope.cancel()
         # The helpers are done, and the task group has nothing of the
         # block's to report: whatever ends the block (its exception, or a
@@ -627,19 +1021,25 @@ class ServiceGroup:
     async def start(self, spec: ServiceSpec) -> Service:
         """Start a service and return it once it is ready.
 
-        Ready means: with `pid_file`, the file names a live process (whose
-        host PID becomes `service.pid`); otherwise the container is set up
-        and the command exec'd.
+        Ready means: with `notify`, the service sent READY=1; with
+        `pid_file`, the file names a live process (whose host PID becomes
+        `service.pid`); otherwise the container is set up and the command
+        exec'd. From then on, the service lasts as long as its main
+        process (the PID file's, MAINPID='s, or the command's).
 
         Raises:
             PidFileTimeoutError: (a TimeoutError) the PID file did not name
-                a live process within `pid_file_timeout`; every process of
+                a live process within `start_timeout`; every process of
                 the service was killed.
+            TimeoutError: with `notify`, no READY=1 within `start_timeout`;
+                every process of the service was killed.
             UnknownAccountError: an unknown user or group, before spawning.
             OSError: a set-up step failed (a missing `directory`, a log file
                 that cannot be created, a command that does not exist ...).
-            ContainerError: with `pid_file` and a pid namespace, the service
-                exited before its PID file named a live process.
+            ServiceStartError: (a ContainerError) with `pid_file` or
+                `notify` and a pid namespace, every process of the service
+                exited before it was ready; it holds the returncode and
+                the last lines of output.
             RuntimeError: the group is not entered, or already left.
 
         Cancellation: a service half-started is stopped first.
@@ -657,6 +1057,9 @@ class ServiceGroup:
         try:
             with scope:
                 await service._launch()
+        except BaseException:
+            service._close_notify()
+            raise
         finally:
             del self._starts[scope]
             settled.set()

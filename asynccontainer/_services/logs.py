@@ -24,7 +24,7 @@ import time
 import anyio
 import anyio.lowlevel
 
-__all__ = ["MAX_LINE", "LineLogger", "open_log_file"]
+__all__ = ["MAX_LINE", "LineLogger", "Rotation", "open_log_file"]
 
 _LOG_MODE = 0o640
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -57,10 +57,15 @@ def open_log_file(path: str, uid: int | None, gid: int | None) -> int:
             open(2) fails, naming the path.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    return _open_log(path, uid, gid)
+
+
+def _open_log(path: str, uid: int | None, gid: int | None, dir_fd: int | None = None) -> int:
+    """Open_log_file's work, `path` relative to `dir_fd` if given."""
     try:
-        fd = os.open(path, _APPEND | os.O_CREAT | os.O_EXCL, _LOG_MODE)
+        fd = os.open(path, _APPEND | os.O_CREAT | os.O_EXCL, _LOG_MODE, dir_fd=dir_fd)
     except FileExistsError:
-        return _open_existing(path)
+        return _open_existing(path, dir_fd)
     try:
         os.fchmod(fd, _LOG_MODE)  # the umask may have taken bits of it
         if uid is not None:
@@ -71,10 +76,10 @@ def open_log_file(path: str, uid: int | None, gid: int | None) -> int:
     return fd
 
 
-def _open_existing(path: str) -> int:
+def _open_existing(path: str, dir_fd: int | None = None) -> int:
     try:
         # O_NONBLOCK: opening a FIFO for writing would wait for a reader.
-        fd = os.open(path, _APPEND | os.O_NONBLOCK)
+        fd = os.open(path, _APPEND | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(
@@ -89,6 +94,63 @@ def _open_existing(path: str) -> int:
         raise _refuse(path, "neither a regular file nor a character device")
     os.set_blocking(fd, True)
     return fd
+
+
+class Rotation:
+    """Rotates a log file by size, as Shepherd 1.0's log rotation: FILE to FILE.1 and so on.
+
+    The directory is opened once, and every rename and the new file are
+    relative to it: the service's user may write that directory, and
+    rename(2) moves a link it planted there as a link, never what it
+    points to. The new file is made as `open_log_file` makes one. A
+    rotation that fails (a directory planted where FILE.2 goes, a link
+    where FILE goes) keeps the current file and is reported through
+    `logging` once.
+    """
+
+    def __init__(self, path: str, max_bytes: int, keep: int, uid: int | None, gid: int | None):
+        self.name = os.path.basename(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.owner = (uid, gid)
+        self.directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.size = 0
+        self.failed = False
+
+    def start(self, fd: int) -> bool:
+        """Take the size of the file open at `fd`; return False if it is not a regular file."""
+        info = os.fstat(fd)
+        self.size = info.st_size
+        return stat.S_ISREG(info.st_mode)
+
+    def rotate(self, fd: int, logger: logging.Logger) -> int:
+        """Rename FILE.(k) to FILE.(k+1), FILE to FILE.1; return the fd of a new FILE.
+
+        On failure, return `fd` (the current file goes on growing).
+        """
+        d = self.directory
+        try:
+            for k in range(self.keep - 1, 0, -1):
+                try:
+                    os.rename(
+                        f"{self.name}.{k}", f"{self.name}.{k + 1}", src_dir_fd=d, dst_dir_fd=d
+                    )
+                except FileNotFoundError:
+                    pass
+            os.rename(self.name, f"{self.name}.1", src_dir_fd=d, dst_dir_fd=d)
+            new = _open_log(self.name, *self.owner, dir_fd=d)
+        except OSError as exc:
+            if not self.failed:
+                self.failed = True
+                logger.error("cannot rotate the log file %s (%s); it keeps growing", self.name, exc)
+            return fd
+        os.close(fd)
+        self.size = 0
+        return new
+
+    def close(self) -> None:
+        """Close the directory's fd."""
+        os.close(self.directory)
 
 
 class LineLogger:
@@ -107,8 +169,14 @@ class LineLogger:
         log_fd: int | None,
         name: str,
         recent: collections.deque[str] | None = None,
+        rotation: Rotation | None = None,
     ) -> None:
         os.set_blocking(read_fd, False)
+        # Only a regular file grows: /dev/null and the like are never rotated.
+        self.rotation = rotation
+        if rotation is not None and (log_fd is None or not rotation.start(log_fd)):
+            rotation.close()
+            self.rotation = None
         # The service's last lines, kept whatever the log file does.
         self.recent: collections.deque[str] = (
             collections.deque(maxlen=100) if recent is None else recent
@@ -127,6 +195,9 @@ class LineLogger:
         if self.log_fd is not None:
             os.close(self.log_fd)
             self.log_fd = None
+        if self.rotation is not None:
+            self.rotation.close()
+            self.rotation = None
         self.done.set()
 
     def emit(self, line: bytes) -> None:
@@ -141,7 +212,7 @@ class LineLogger:
         try:
             # One write(2) per line on an O_APPEND fd: lines stay whole
             # next to what the daemon itself writes to the same file.
-            os.write(self.log_fd, (stamp + text + "\n").encode())
+            written = os.write(self.log_fd, (stamp + text + "\n").encode())
         except OSError as exc:
             self.dropped += 1
             if exc.errno not in self._reported:
@@ -150,6 +221,13 @@ class LineLogger:
                     "cannot write to the log file (%s); its lines are dropped and counted",
                     exc.strerror,
                 )
+            return
+        rotation = self.rotation
+        if rotation is not None:
+            # Between two lines: no line is split across files, none lost.
+            rotation.size += written
+            if rotation.size >= rotation.max_bytes:
+                self.log_fd = rotation.rotate(self.log_fd, self.logger)
 
     async def run(self) -> None:
         """Relay lines until the pipe's end-of-file (every process of the service is gone)."""

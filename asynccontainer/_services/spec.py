@@ -285,6 +285,18 @@ def _signal(value: int | str) -> int:
     return value if isinstance(value, bool) or not isinstance(value, int) else int(value)
 
 
+def _log_size(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+        raise ValueError(f"log_max_bytes must be a whole number of bytes from 1024, not {value!r}")
+
+
+def _log_keep(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError(
+            f"log_keep must be how many rotated files to keep, 1 to 1000, not {value!r}"
+        )
+
+
 def _respawn_limit(value: tuple[int, float]) -> tuple[int, float]:
     try:
         starts, period = value
@@ -333,8 +345,20 @@ class ServiceSpec(SharedOptions):
             lines go there, each prefixed "YYYY-MM-DD HH:MM:SS ". Without it,
             lines go to the logger "asynccontainer.service.NAME".
         pid_file: absolute path inside the container that the daemon writes
-            its PID to; the service is started when it names a live process.
-        pid_file_timeout: seconds to wait for the PID file.
+            its PID to; the service is started when it names a live process,
+            which is then its main process. The main process is otherwise
+            the one MAINPID= names (notify), or the command's; its exit
+            ends the service (systemd's rule): what is left gets the stop
+            signal, then SIGKILL after `grace_period`.
+        start_timeout: seconds a PID file or READY=1 may take (5); past
+            them every process of the service is killed and a TimeoutError
+            raised.
+        pid_file_timeout: another name for start_timeout.
+        notify: speak sd_notify(3): $NOTIFY_SOCKET is set and reachable
+            inside, READY=1 marks the service started, MAINPID=N (in its
+            pid namespace, which it needs) names its main process,
+            STATUS= is `Service.status_text`, RELOADING=1 and STOPPING=1
+            set its state. Datagrams of other processes are ignored.
         directory: working directory inside the container.
         environment: None for the caller's environment (as Shepherd), or
             exactly this mapping.
@@ -367,6 +391,11 @@ class ServiceSpec(SharedOptions):
         respawn_delay: seconds before a respawn (0.1, Shepherd 0.10.3's).
         respawn_limit: (starts, seconds): more starts than this within the
             period disable respawning ((5, 7.0), Shepherd's).
+        log_max_bytes: rotate `log_file` once it holds this many bytes
+            (from 1024), as Shepherd 1.0's log rotation: the file becomes
+            FILE.1, FILE.1 becomes FILE.2 ..., between two lines, so no
+            line is split or lost. None (the default) never rotates.
+        log_keep: how many rotated files are kept (5).
 
     The other keywords are `ContainerSpec`'s: root, host_uids, guest_uid,
     guest_gid, populate, loopback_network, lock_mounts, hostname,
@@ -398,9 +427,19 @@ class ServiceSpec(SharedOptions):
     )
     log_file: str | None = attrs.field(default=None, kw_only=True, converter=_log_file)
     pid_file: str | None = attrs.field(default=None, kw_only=True, converter=_pid_file)
-    pid_file_timeout: float = attrs.field(
-        default=5.0, kw_only=True, validator=seconds(zero_allowed=False)
+    # Two names for one number (pid_file_timeout came first): either may be
+    # given, and both read the same once the spec is made.
+    start_timeout: float = attrs.field(  # type: ignore[assignment]  # None becomes 5.0
+        default=None,
+        kw_only=True,
+        validator=attrs.validators.optional(seconds(zero_allowed=False)),
     )
+    pid_file_timeout: float = attrs.field(  # type: ignore[assignment]  # None: start_timeout
+        default=None,
+        kw_only=True,
+        validator=attrs.validators.optional(seconds(zero_allowed=False)),
+    )
+    notify: bool = attrs.field(default=False, kw_only=True, validator=boolean)
     directory: str = attrs.field(default="/", kw_only=True, converter=_directory)
     environment: tuple[tuple[str, str], ...] | None = attrs.field(
         default=None, kw_only=True, converter=_environment
@@ -438,10 +477,16 @@ class ServiceSpec(SharedOptions):
     respawn_limit: tuple[int, float] = attrs.field(
         default=(5, 7.0), kw_only=True, converter=_respawn_limit
     )
+    log_max_bytes: int | None = attrs.field(
+        default=None, kw_only=True, validator=attrs.validators.optional(_log_size)
+    )
+    log_keep: int = attrs.field(default=5, kw_only=True, validator=_log_keep)
 
     def __attrs_post_init__(self) -> None:
         if self.name is None:
             object.__setattr__(self, "name", os.path.basename(self.command[0]))
+        self._resolve_start_timeout()
+        self._check_notify_and_log()
         if "pid" in self.namespaces:
             for field in ("stop_signal", "reload_signal"):
                 number = getattr(self, field)
@@ -461,7 +506,36 @@ class ServiceSpec(SharedOptions):
             ),
         )
 
-    def container_spec(self, environ: Mapping[str, str] | None = None) -> ContainerSpec:
+    def _resolve_start_timeout(self) -> None:
+        start, pid_file = self.start_timeout, self.pid_file_timeout
+        if start is not None and pid_file is not None and start != pid_file:
+            raise ValueError(
+                f"start_timeout {start!r} and pid_file_timeout {pid_file!r} are two names "
+                "for one number: give only start_timeout"
+            )
+        value = next((v for v in (start, pid_file) if v is not None), 5.0)
+        object.__setattr__(self, "start_timeout", value)
+        object.__setattr__(self, "pid_file_timeout", value)
+
+    def _check_notify_and_log(self) -> None:
+        if self.notify and self.pid_file is not None:
+            raise ValueError(
+                "notify=True and pid_file: readiness is READY=1, and MAINPID= names the main "
+                "process; drop pid_file"
+            )
+        if self.notify and "pid" not in self.namespaces:
+            # Without one, nothing tells the service's processes from the
+            # host's: a datagram's sender (and MAINPID=) could be any process.
+            raise ValueError(
+                "notify=True needs a pid namespace, so that only the service's own processes "
+                "are heard: keep 'pid' in namespaces"
+            )
+        if self.log_max_bytes is not None and self.log_file is None:
+            raise ValueError("log_max_bytes rotates the log_file: give a log_file too")
+
+    def container_spec(
+        self, environ: Mapping[str, str] | None = None, *, notify_socket: str | None = None
+    ) -> ContainerSpec:
         """Return the spec of the service's container.
 
         Its mounts are `default_mounts(namespaces)` and the mappings, when
@@ -488,6 +562,12 @@ class ServiceSpec(SharedOptions):
         env = self.environment
         if env is None:
             env = tuple((os.environ if environ is None else environ).items())
+        if notify_socket is not None:
+            # sd_notify(3): the socket is mapped at its host path (service_extras).
+            env = (
+                *((k, v) for k, v in env if k != "NOTIFY_SOCKET"),
+                ("NOTIFY_SOCKET", notify_socket),
+            )
         shared = {field.name: getattr(self, field.name) for field in attrs.fields(SharedOptions)}
         return ContainerSpec(**shared, mounts=mounts, env=env, cwd=self.directory, new_session=True)
 
@@ -523,7 +603,7 @@ def _uid_only(uid: int) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def service_extras(spec: ServiceSpec) -> Extras:
+def service_extras(spec: ServiceSpec, notify_socket: str | None = None) -> Extras:
     """Return what the service adds to its container's plan, names resolved to numbers.
 
     Shepherd's steps: after the container is set up, /var/run is made and
@@ -566,7 +646,9 @@ def service_extras(spec: ServiceSpec) -> Extras:
         # A daemon's PID file is read in its mount namespace, through the
         # container's root, which the first process may not outlive.
         send_root=spec.pid_file is not None and "mnt" in spec.namespaces,
-        writable_files=(spec.log_file,)
-        if spec.log_file is not None and "mnt" in spec.namespaces
-        else (),
+        writable_files=tuple(
+            path
+            for path in (spec.log_file, notify_socket)
+            if path is not None and "mnt" in spec.namespaces
+        ),
     )
