@@ -59,6 +59,7 @@ _EXPORTS = {
     "read_pid_file": "_core.pidfile",
     "DEFAULT_SECCOMP": "_spec.seccomp",
     "SeccompPolicy": "_spec.seccomp",
+    "Endpoint": "_services.endpoint",
     "Service": "_services.group",
     "ServiceEvent": "_services.group",
     "ServiceEvents": "_services.group",
@@ -128,6 +129,7 @@ if TYPE_CHECKING:
         UntrustedValueError,
     )
     from ._plan.build import Target
+    from ._services.endpoint import Endpoint
     from ._services.group import Service, ServiceEvent, ServiceEvents, ServiceGroup
     from ._services.spec import ServiceSpec, UnknownAccountError, default_mounts, default_namespaces
     from ._spec.capabilities import ALL_CAPABILITIES, DEFAULT_CAPABILITIES
@@ -171,6 +173,7 @@ __all__ = [
     "ContainerOptions",
     "ContainerProcessError",
     "ContainerSpec",
+    "Endpoint",
     "FileSystem",
     "FileSystemMapping",
     "HasFileno",

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from . import scenarios
+from . import connections, scenarios
 from .scenarios import Result
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[Result]]] = {
@@ -31,6 +31,8 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[Result]]] = {
     "services": lambda a: scenarios.many_services(a.services),
     "cpu": lambda a: scenarios.cpu_per_start(a.runs),
     "first": lambda a: scenarios.first_container(max(10, a.runs // 20)),
+    "connection-latency": lambda a: connections.connection_latency(max(100, a.runs // 2)),
+    "connections": lambda a: connections.connections_per_second(500, 8),
 }
 
 

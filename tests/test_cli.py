@@ -15,6 +15,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -706,6 +707,81 @@ def test_the_services_table_shows_the_notify_status(tmp_path: Path) -> None:
         process.terminate()
         process.communicate(timeout=15)
         assert process.returncode == 0
+
+
+def test_a_services_file_with_sockets_serves_connections(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "services.toml"
+    path.write_text(
+        "[services.echo]\n"
+        'command = ["sh", "-c", "read line; echo echo: $line"]\n'
+        f'sockets = ["127.0.0.1:{port}"]\n'
+        "accept = true\n"
+    )
+    with background("services", str(path)) as process:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the services never listened"
+                time.sleep(0.05)
+        with connection:
+            connection.sendall(b"hello\n")
+            assert connection.makefile().readline() == "echo: hello\n"
+        process.terminate()
+        process.communicate(timeout=15)
+        assert process.returncode == 0
+
+
+def test_the_services_files_of_the_sockets_guide_pass_check(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "howto" / "sockets.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", page, re.DOTALL)
+    assert blocks
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"guide{number}.toml"
+        path.write_text(block)
+        result = run_cli("services", "--check", str(path))
+        assert result.returncode == 0, result.stderr
+
+
+def test_services_a_failed_dependency_fails_what_requires_it(tmp_path: Path) -> None:
+    mark = tmp_path / "web-started"
+    path = tmp_path / "services.toml"
+    path.write_text(
+        '[services.web]\ncommand = ["touch", "' + str(mark) + '"]\nrequires = ["db"]\n'
+        '[services.db]\ncommand = ["no-such-database"]\n'
+    )
+    result = run_cli("services", str(path))
+    assert result.returncode == 1
+    assert re.search(r"\nweb: requires 'db', which failed to start", result.stdout)
+    assert not mark.exists()
+    no_traceback(result)
+
+
+def test_services_check_of_a_cycle(tmp_path: Path) -> None:
+    path = tmp_path / "cycle.toml"
+    path.write_text(
+        '[services.a]\ncommand = ["true"]\nrequires = ["b"]\n'
+        '[services.b]\ncommand = ["true"]\nrequires = ["a"]\n'
+    )
+    result = run_cli("services", "--check", str(path))
+    assert result.returncode == 1
+    assert "cycle" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_services_check_of_bad_sockets(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[services.web]\ncommand = ["cat"]\naccept = true\nsockets = ["localhost:80"]\n'
+    )
+    result = run_cli("services", "--check", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{path}:4: services.web.sockets: ")
+    assert "numeric address" in result.stderr
 
 
 def test_services_without_log_file_print_their_lines_on_stderr(tmp_path: Path) -> None:

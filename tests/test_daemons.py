@@ -127,14 +127,27 @@ def nginx(tmp_path: Path, name: str, port: int, **keywords: object) -> ac.Servic
     )
 
 
+async def nginx_workers(master: int) -> list[int]:
+    """Return the master's two workers once both run as www-data.
+
+    The PID file may come before the workers are forked, and a worker
+    switches to its user just after its fork.
+    """
+    with anyio.fail_after(10):
+        while True:
+            workers = children(master)
+            if len(workers) == 2 and {user_of(pid) for pid in workers} == {"www-data"}:
+                return workers
+            await anyio.sleep(0.01)
+
+
 async def test_nginx(tmp_path: Path, name: str) -> None:
     port = free_port()
     spec = nginx(tmp_path, name, port)
     async with ac.ServiceGroup() as group:
         service = await group.start(spec)
         assert service.pid is not None and user_of(service.pid) == "root"  # the master
-        workers = children(service.pid)
-        assert len(workers) == 2 and {user_of(pid) for pid in workers} == {"www-data"}
+        workers = await nginx_workers(service.pid)
         answer = await ask(port, b"GET / HTTP/1.0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from nginx\n")
         everything = [service.pid, *workers]
@@ -155,8 +168,7 @@ async def test_nginx_master_killed_is_respawned_with_no_worker_left(
         service = await group.start(spec)
         master = service.pid
         assert master is not None
-        workers = children(master)
-        assert len(workers) == 2
+        workers = await nginx_workers(master)
         os.kill(master, signal.SIGKILL)
         restarting = False
         with anyio.fail_after(20):

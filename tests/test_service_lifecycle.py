@@ -245,6 +245,21 @@ async def test_the_pid_files_process_dying_ends_the_service_and_its_worker() -> 
                 await anyio.sleep(0.01)
 
 
+async def test_a_pid_file_naming_an_older_host_process_is_refused(tmp_path: Path) -> None:
+    """Without a pid namespace a PID file can name any host process, which the stop would
+    signal: one older than the service (here the caller itself) is not followed."""
+    spec = ac.ServiceSpec(
+        sh(f"echo {os.getpid()} > {tmp_path}/d.pid; exec sleep 60"),
+        pid_file=str(tmp_path / "d.pid"),
+        namespaces=["mnt"],
+        mappings=[ac.FileSystemMapping(str(tmp_path), writable=True)],
+        grace_period=GRACE,
+    )
+    async with ac.ServiceGroup() as group:
+        with anyio.fail_after(20), pytest.raises(PermissionError, match="older than the service"):
+            await group.start(spec)
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as children:
         return [int(child) for child in children.read().split()]

@@ -704,10 +704,11 @@ static long run_step(struct state *st, const struct step *s)
 
 static long exec_step(struct state *st, const struct step *s)
 {
-    /* ints: send_root, argc; strs: argv..., env... */
+    /* ints: send_root, argc, listen_pid; strs: argv..., env... */
     long send_root = s->ints[0];
     uint32_t argc = (uint32_t)s->ints[1];
-    const char *argv[MAX_ARGS + 1], *envp[MAX_ARGS + 1];
+    long listen_pid = s->nints > 2 ? s->ints[2] : 0;
+    const char *argv[MAX_ARGS + 1], *envp[MAX_ARGS + 2];
     uint32_t nenv = s->nstrs - argc;
     if (argc == 0 || argc > MAX_ARGS || nenv > MAX_ARGS)
         return -E2BIG_;
@@ -716,6 +717,13 @@ static long exec_step(struct state *st, const struct step *s)
     argv[argc] = 0;
     for (uint32_t i = 0; i < nenv; i++)
         envp[i] = s->strs[argc + i];
+    /* sd_listen_fds(3) takes the sockets only if LISTEN_PID names the
+     * process reading them: this one, in its pid namespace. */
+    char listen[32] = "LISTEN_PID=";
+    if (listen_pid) {
+        *decimal(listen + 11, (uint64_t)S0(SYS_getpid)) = 0;
+        envp[nenv++] = listen;
+    }
     envp[nenv] = 0;
     /* What the steps left open (host fds among them) goes first. */
     for (int i = 0; i < MAX_SLOTS; i++)

@@ -185,7 +185,10 @@ def exec_step(state: State, step: steps.Exec) -> NoReturn:
     # The handshake socket is close-on-exec: its end-of-file tells the
     # caller that this exec succeeded.
     try:
-        os.execvpe(step.argv[0], list(step.argv), dict(step.env))
+        env = dict(step.env)
+        if step.listen_pid:
+            env["LISTEN_PID"] = str(os.getpid())
+        os.execvpe(step.argv[0], list(step.argv), env)
     except OSError as exc:
         # As subprocess reports it: the program as it was given, not the
         # last PATH entry execvpe happened to try.

@@ -252,6 +252,9 @@ class Extras:
     # symbolic link (a service's log file, in a directory its user may
     # write: a link there must not map a file of root's into it).
     writable_files: tuple[str, ...] = ()
+    # Listening sockets received first and placed at 3, 4 ... (socket
+    # activation), with LISTEN_PID set at the exec.
+    listen_fds: int = 0
 
 
 class _Slots:
@@ -600,9 +603,9 @@ def plan_container(
     plan.append(steps.Chdir(spec.cwd))
     # With an init, the caller passes one more fd: the init's status pipe
     # (StartInit), placed above the user's.
-    status_fd = max(spec.pass_fds) + 1 if spec.pass_fds else 3
+    passed = (*range(3, 3 + extras.listen_fds), *spec.pass_fds)
+    status_fd = max(passed) + 1 if passed else 3
     process = _process_steps(spec, extras, status_fd)
-    passed = spec.pass_fds
     if any(isinstance(step, steps.StartInit) for step in process):
         passed = (*passed, status_fd)
     if passed:
@@ -611,6 +614,8 @@ def plan_container(
     plan.extend(_privilege_steps(spec))
     if extras.send_root:
         last = attrs.evolve(last, send_root=True)  # type: ignore[misc]
+    if extras.listen_fds and isinstance(last, steps.Exec):
+        last = attrs.evolve(last, listen_pid=True)
     plan.append(last)
     id_map = IdMap(spec.guest_uid, spec.guest_gid, spec.host_uids) if "user" in names else None
     request = SpawnRequest(flags, id_map, spec.limits, spec.network)

@@ -84,7 +84,9 @@ def _argv_and_env(argv: Sequence[str], env: Sequence[tuple[str, str]]) -> list[s
 
 
 def _exec(step: steps.Exec) -> Fields:
-    return [int(step.send_root), len(step.argv)], _argv_and_env(step.argv, step.env)
+    return [int(step.send_root), len(step.argv), int(step.listen_pid)], _argv_and_env(
+        step.argv, step.env
+    )
 
 
 def _mask(numbers: frozenset[int]) -> int:

@@ -542,11 +542,17 @@ class LoadSeccomp(Step):
 
 @attrs.frozen(repr=False)  # the repr is Step's
 class Exec(Step):
-    """Report "execing" (with the root's fd if `send_root`), then execvpe."""
+    """Report "execing" (with the root's fd if `send_root`), then execvpe.
+
+    With `listen_pid`, LISTEN_PID=its own PID (in its pid namespace) is
+    added to `env` first: sd_listen_fds(3) takes the sockets only if it
+    names the process that reads them.
+    """
 
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = attrs.field(repr=False)
     send_root: bool = False
+    listen_pid: bool = False
 
     @property
     def path(self) -> str:

@@ -13,6 +13,11 @@ ServiceSpec fields::
     command = ["memcached", "-u", "nobody"]
     mappings = ["/srv/cache=/var/cache:rw", "/etc/memcached.conf"]
 
+    [services.echo]
+    command = ["cat"]
+    sockets = ["127.0.0.1:7000", {address = "/run/echo.sock", backlog = 16}]
+    accept = true
+
 Every error is reported with the line it is on, all at once.
 """
 
@@ -32,7 +37,9 @@ import attrs
 
 from .._spec.filesystems import FileSystemMapping
 from .._spec.seccomp import DEFAULT_SECCOMP, SeccompPolicy
+from .endpoint import parse_endpoint
 from .group import Service, ServiceGroup
+from .order import check_order
 from .spec import _CONTAINER_SPELLINGS, ServiceSpec
 
 __all__ = ["load_services", "run_services"]
@@ -120,6 +127,12 @@ def _convert(field: str, value: Any) -> Any:
         return {key: tuple(v) if isinstance(v, list) else v for key, v in value.items()}
     if field == "seccomp":
         return _seccomp(value)
+    if field == "sockets":
+        if not isinstance(value, list):
+            raise TypeError(
+                f'sockets is a list, as ["127.0.0.1:8080", "/run/web.sock"], not {value!r}'
+            )
+        return [parse_endpoint(item) for item in value]
     return value
 
 
@@ -134,6 +147,59 @@ def _check_field(field: str, value: Any) -> None:
         value = convert(value)
     if attribute.validator is not None:
         attribute.validator(None, attribute, value)
+
+
+def _read_service(
+    path: str,
+    lines: dict[tuple[str, str | None], int],
+    name: str,
+    table: Any,
+    errors: list[str],
+) -> ServiceSpec | None:
+    """Return the spec of one [services.NAME] table, or None after adding its errors."""
+    header = lines.get((name, None), 1)
+
+    def error(field: str | None, message: str) -> None:
+        line = lines.get((name, field), header) if field else header
+        where = f"services.{name}" + (f".{field}" if field else "")
+        errors.append(f"{path}:{line}: {where}: {message}")
+
+    if not isinstance(table, dict):
+        error(None, "must be a table of ServiceSpec fields")
+        return None
+    fields: dict[str, Any] = {"name": name}
+    bad = False
+    for field, value in table.items():
+        if field not in _FIELDS:
+            close = _CONTAINER_SPELLINGS.get(field) or next(
+                iter(difflib.get_close_matches(field, _FIELDS, n=1)), None
+            )
+            hint = f"did you mean {close!r}? " if close else ""
+            error(field, f"unknown field; {hint}the fields are {', '.join(_FIELDS)}")
+            bad = True
+            continue
+        try:
+            converted = _convert(field, value)
+            _check_field(field, converted)
+        except (TypeError, ValueError) as exc:
+            error(field, str(exc))
+            bad = True
+            continue
+        fields[field] = converted
+    if "command" not in table:
+        error(None, 'has no command: add command = ["program", "argument", ...]')
+        bad = True
+    if bad:
+        return None
+    try:
+        return ServiceSpec(**fields)
+    except (TypeError, ValueError) as exc:
+        # Each field passed its own check: a rule between fields is broken,
+        # and its message names them, the one to change first.
+        message = str(exc)
+        named = [f for f in table if re.search(rf"\b{re.escape(f)}\b", message)]
+        error(min(named, key=message.index) if named else None, message)
+        return None
 
 
 def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
@@ -168,48 +234,14 @@ def load_services(path: str) -> tuple[list[ServiceSpec], list[str]]:
         return [], errors
 
     for name, table in services.items():
-        header = lines.get((name, None), 1)
-
-        def error(field: str | None, message: str, header: int = header, name: str = name) -> None:
-            line = lines.get((name, field), header) if field else header
-            where = f"services.{name}" + (f".{field}" if field else "")
-            errors.append(f"{path}:{line}: {where}: {message}")
-
-        if not isinstance(table, dict):
-            error(None, "must be a table of ServiceSpec fields")
-            continue
-        fields: dict[str, Any] = {"name": name}
-        bad = False
-        for field, value in table.items():
-            if field not in _FIELDS:
-                close = _CONTAINER_SPELLINGS.get(field) or next(
-                    iter(difflib.get_close_matches(field, _FIELDS, n=1)), None
-                )
-                hint = f"did you mean {close!r}? " if close else ""
-                error(field, f"unknown field; {hint}the fields are {', '.join(_FIELDS)}")
-                bad = True
-                continue
-            try:
-                converted = _convert(field, value)
-                _check_field(field, converted)
-            except (TypeError, ValueError) as exc:
-                error(field, str(exc))
-                bad = True
-                continue
-            fields[field] = converted
-        if "command" not in table:
-            error(None, 'has no command: add command = ["program", "argument", ...]')
-            bad = True
-        if bad:
-            continue
+        spec = _read_service(path, lines, name, table, errors)
+        if spec is not None:
+            specs.append(spec)
+    if not errors:
         try:
-            specs.append(ServiceSpec(**fields))
-        except (TypeError, ValueError) as exc:
-            # Each field passed its own check: a rule between fields is broken,
-            # and its message names them, the one to change first.
-            message = str(exc)
-            named = [f for f in table if re.search(rf"\b{re.escape(f)}\b", message)]
-            error(min(named, key=message.index) if named else None, message)
+            check_order(specs, ())
+        except ValueError as exc:
+            errors.append(f"{path}:1: {exc}")
     return specs, errors
 
 
@@ -366,14 +398,25 @@ async def run_services(specs: list[ServiceSpec], out: TextIO | None = None) -> i
             watchers.start_soon(on_signal)
             try:
                 async with ServiceGroup() as group:
+                    settled = {spec.name: anyio.Event() for spec in specs}
 
                     async def start(spec: ServiceSpec) -> None:
+                        # In dependency order (load_services checked it has
+                        # no cycle); one that fails fails what requires it.
                         try:
+                            for required in spec.requires:
+                                await settled[required].wait()
+                            broken = next((r for r in spec.requires if r in failed), None)
+                            if broken is not None:
+                                failed[spec.name] = f"requires {broken!r}, which failed to start"
+                                return
                             services[spec.name] = await group.start(spec)
                         except Exception as exc:
                             failed[spec.name] = (
                                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                             )
+                        finally:
+                            settled[spec.name].set()
 
                     async with anyio.create_task_group() as starters:
                         for spec in specs:

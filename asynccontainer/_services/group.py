@@ -14,9 +14,10 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -33,8 +34,11 @@ from .._plan.build import plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
 from .directories import make_directories, remove_runtime_directories
+from .endpoint import bind_all, close_all
+from .inetd import ConnectionServer, readable_any
 from .logs import LineLogger, Rotation, open_log_file
 from .notify import NotifySocket
+from .order import check_order
 from .spec import DIRECTORY_BASES, ServiceSpec, service_extras
 
 __all__ = ["Service", "ServiceEvent", "ServiceEvents", "ServiceGroup"]
@@ -173,6 +177,15 @@ class Service:
         self._main_scope = anyio.CancelScope()
         self._old_pidfds: list[int] = []
         self._translator: PidTranslator | None = None
+        # When the current launch began, in clock ticks since boot (see
+        # `_check_started_since`).
+        self._launched = 0
+        # Sockets the caller listens on for it (`sockets`), and with
+        # `accept` the server of its connections and its log pipe's write end.
+        self._listening: list[socket.socket] = []
+        self._server: ConnectionServer | None = None
+        self._accept_log: int | None = None
+        self._supervisor_done: anyio.Event | None = None
         # With a pid namespace and neither a PID file nor MAINPID=, the main
         # process is the command, which the init tells the end of.
         self._main_is_command = False
@@ -187,8 +200,10 @@ class Service:
         """What it is doing now, as a word.
 
         One of "starting", "running", "reloading", "stopping", "stopped",
-        "failed" (it died, or could not start, and is not respawned) and
-        "restarting".
+        "failed" (it died, or could not start, and is not respawned),
+        "restarting", and "listening" (`lazy_start` or `accept`: waiting
+        for a connection; with `accept`, "running" while a connection's
+        container runs).
         """
         return self._state
 
@@ -352,13 +367,17 @@ class Service:
         """Stop the service: SIGTERM to all its processes, SIGKILL after the grace period.
 
         Returns once every process of the service is gone, with its exit
-        status. A service already down just returns it. Respawning ends.
+        status. A service already down just returns it. Respawning ends;
+        with `accept`, every connection's container is stopped so.
 
         Cancellation: the stop goes on to its end, shielded.
         """
         self._supervisor_scope.cancel()
         self._stopping = True
         with anyio.CancelScope(shield=True):
+            if self._supervisor_done is not None:
+                # It may be waiting on the sockets, or stopping connections.
+                await self._supervisor_done.wait()
             if not self._finished.is_set():
                 self._set_state("stopping")
                 await self._terminate()
@@ -381,14 +400,24 @@ class Service:
             os.close(self._root_fd)
         self._root_fd = fd
 
-    def _finish(self) -> None:
+    def _forget_process(self) -> None:
+        """Close the pidfds of the ended launch's main processes."""
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
         while self._old_pidfds:
             os.close(self._old_pidfds.pop())
+
+    def _finish(self) -> None:
+        self._forget_process()
         self._set_root(None)
         self._close_notify()
+        close_all(self.spec.sockets, self._listening)
+        if self._accept_log is not None:
+            os.close(self._accept_log)
+            self._accept_log = None
+        if self._returncode is None:
+            self._returncode = 0  # never started (lazy_start, accept): nothing failed
         if not self._finished.is_set():
             # As systemd's RuntimeDirectory=: gone when the service is.
             remove_runtime_directories(self.spec.runtime_directories)
@@ -430,12 +459,14 @@ class Service:
                     raise
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent, rotation)
+        self._launched = _boot_ticks()
         stdio = _StdioFds()
         try:
             stdio.add("stdin", 0, subprocess.DEVNULL)
             stdio.add("stdout", 1, write_fd)
             stdio.add("stderr", 2, write_fd)
-            container, root = await spawn(plan, request, [*stdio.fds, *spec.pass_fds])
+            listening = [] if spec.accept else [sock.fileno() for sock in self._listening]
+            container, root = await spawn(plan, request, [*stdio.fds, *listening, *spec.pass_fds])
         except BaseException:
             logger.close()
             raise
@@ -508,7 +539,9 @@ class Service:
             )
 
         if "pid" not in spec.namespaces:
-            return await read()
+            pid = await read()
+            _check_started_since(pid, self._launched, spec.name)
+            return pid
         # With an init, the container ending means the service died before
         # writing its PID file: no use waiting for the timeout.
         return await self._race_death(read, f"before its PID file {pid_file} named a live process")
@@ -798,6 +831,99 @@ class Service:
             except ProcessLookupError:
                 pass
 
+    async def _open(self) -> None:
+        """Bind its sockets, then start it, or with `lazy_start` and `accept` wait for a connection.
+
+        Raises:
+            OSError: a socket could not be bound (naming its address), or
+                as `_launch`.
+        """
+        spec = self.spec
+        self._listening = bind_all(spec.sockets)
+        try:
+            if spec.accept:
+                self._serve_connections()
+            elif spec.lazy_start:
+                self._set_state("listening")
+            else:
+                await self._launch()
+        except BaseException:
+            close_all(spec.sockets, self._listening)
+            raise
+
+    def _serve_connections(self) -> None:
+        """Ready a ConnectionServer: directories, the plan, a log, non-blocking sockets."""
+        spec = self.spec
+        extras = service_extras(spec)
+        plan = plan_container(spec.container_spec(), list(spec.command), extras=extras)
+        for field, base in DIRECTORY_BASES.items():
+            for name in getattr(spec, field):
+                make_directories(base, name, extras.uid, extras.gid)
+        for sock in self._listening:
+            sock.setblocking(False)  # only the caller accepts on them
+        log_fd = None
+        if spec.log_file is not None:
+            log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent)
+        self._group._run(logger.run, f"log of {spec.name}", logger.done)
+        self._accept_log = write_fd
+        self._server = ConnectionServer(
+            spec,
+            plan,
+            self._listening,
+            log_fd=write_fd,
+            on_change=lambda: self._set_state(self._accepting()),
+            recent=self._recent,
+        )
+        self._set_state("listening")
+
+    def _accepting(self) -> str:
+        assert self._server is not None
+        return "running" if self._server.active else "listening"
+
+    @property
+    def connections(self) -> int:
+        """With `accept`: how many connections have a container now; else 0."""
+        return 0 if self._server is None else self._server.active
+
+    async def _run_supervisor(self) -> None:
+        """Run the supervisor of its kind; `stop` waits for its end."""
+        done = self._supervisor_done = anyio.Event()
+        try:
+            if self._server is not None:
+                with self._supervisor_scope:
+                    await self._server.run()
+            elif self.spec.lazy_start:
+                await self._supervise_lazily()
+            else:
+                await self._supervise()
+        finally:
+            done.set()
+
+    async def _supervise_lazily(self) -> None:
+        """Start the service on a connection; after its end, on the next one (lazy_start)."""
+        logger = logging.getLogger(f"asynccontainer.service.{self.name}")
+        with self._supervisor_scope:
+            while True:
+                await readable_any(self._listening)
+                try:
+                    await self._launch()
+                except Exception as exc:
+                    logger.error("starting service %r failed: %s", self.name, exc)
+                    # The connection still waits: a start that keeps failing
+                    # must not take a core (Shepherd's respawn limit).
+                    if self._throttled():
+                        self._disabled = True
+                        self._finish()
+                        return
+                    await anyio.sleep(self.spec.respawn_delay)
+                    continue
+                await self._ended.wait()
+                logger.info("service %r exited with status %s", self.name, self._returncode)
+                self._forget_process()
+                self._set_state("listening")
+
     async def _supervise(self) -> None:
         """Wait for the service to die; respawn it, or mark it finished."""
         logger = logging.getLogger(f"asynccontainer.service.{self.name}")
@@ -826,9 +952,7 @@ class Service:
                     )
                     # Shepherd 0.10.3's respawn delay: a crash loop costs time, not a core.
                     await anyio.sleep(self.spec.respawn_delay)
-                if self._pidfd is not None:
-                    os.close(self._pidfd)
-                    self._pidfd = None
+                self._forget_process()
                 self._restart = None
                 if restarting is None:
                     # Counted before the start, so that whoever sees it
@@ -875,6 +999,33 @@ def _main_process(container: Container, *, init: bool) -> int:
     return container.pid
 
 
+def _boot_ticks() -> int:
+    """Return the time since boot in clock ticks, the unit of /proc/PID/stat's starttime."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def _check_started_since(pid: int, ticks: int, name: str) -> None:
+    """Refuse a PID file's process that is older than the service's launch.
+
+    Without a pid namespace its PID file may name any host process, which
+    the service's stop would then signal: PID 1, or the caller. A daemon
+    of the service started after its launch began (proc(5), starttime).
+
+    Raises:
+        PermissionError: it started before, so it is not the service's.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return  # gone already: the watcher sees the end
+    if started < ticks:
+        raise PermissionError(
+            f"the PID file of service {name!r} names PID {pid}, a process older than the "
+            "service: not one of its own; it was not followed, and the service was stopped"
+        )
+
+
 async def _translator_of(container: Container) -> PidTranslator | None:
     """Return the PidTranslator of a container's pid namespace; None if it has ended.
 
@@ -890,6 +1041,29 @@ async def _translator_of(container: Container) -> PidTranslator | None:
         except PermissionError:
             await anyio.sleep(0.01)
     return PidTranslator(container.pid)
+
+
+async def _stop_in_order(services: Sequence[Service]) -> None:
+    """Stop services concurrently, each after those started later that require it.
+
+    Only later ones can require an earlier one (a service starts after
+    what it requires), so the waits form no cycle.
+    """
+    stopped = [anyio.Event() for _ in services]
+
+    async def stop(index: int) -> None:
+        service = services[index]
+        try:
+            for later in range(index + 1, len(services)):
+                if service.name in services[later].spec.requires:
+                    await stopped[later].wait()
+            await service.stop()
+        finally:
+            stopped[index].set()
+
+    async with anyio.create_task_group() as stoppers:
+        for index in range(len(services)):
+            stoppers.start_soon(stop, index)
 
 
 def _alive(pid: int) -> bool:
@@ -965,6 +1139,76 @@ class ServiceGroup:
         self._listeners.append(send)
         return ServiceEvents._of(receive)
 
+    def _running_names(self) -> set[str]:
+        return {service.name for service in self._services if not service._finished.is_set()}
+
+    async def start_all(self, specs: Iterable[ServiceSpec]) -> list[Service]:
+        """Start services in dependency order (their `requires`); return them in the order given.
+
+        Those that do not depend on each other start concurrently; each
+        starts once all it requires are started. All or nothing: if one
+        fails, those that require it are not started, every service this
+        call started is stopped (dependents first), and its error is
+        raised, with a note naming the services left unstarted.
+
+        Raises:
+            ValueError: before anything starts, for two specs of one name,
+                a required name that is neither among `specs` nor running
+                in the group, or a cycle (the message names it).
+            TypeError: for an item that is not a ServiceSpec.
+            RuntimeError: the group is not entered, or already left.
+            Exception: what `start` raised for the first service that
+                failed (a `ServiceStartError`, a `TimeoutError` ...).
+
+        Cancellation: what it started is stopped, shielded, first.
+        """
+        specs = list(specs)
+        for spec in specs:
+            if not isinstance(spec, ServiceSpec):
+                raise TypeError(f"start_all() takes ServiceSpec items, not {spec!r}")
+        if not self._entered or self._closed:
+            raise RuntimeError("start services inside 'async with ServiceGroup() as group:'")
+        check_order(specs, self._running_names())
+        started: dict[str, Service] = {}
+        failed: dict[str, BaseException] = {}
+        skipped: list[str] = []
+        settled = {spec.name: anyio.Event() for spec in specs}
+
+        async def one(spec: ServiceSpec) -> None:
+            try:
+                for required in spec.requires:
+                    if required in settled:
+                        await settled[required].wait()
+                if any(r in failed or r in skipped for r in spec.requires):
+                    skipped.append(spec.name)
+                    return
+                try:
+                    started[spec.name] = await self.start(spec)
+                except Exception as exc:
+                    failed[spec.name] = exc
+            finally:
+                settled[spec.name].set()
+
+        try:
+            async with anyio.create_task_group() as starters:
+                for spec in specs:
+                    starters.start_soon(one, spec)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _stop_in_order(list(started.values()))
+            raise
+        if failed:
+            with anyio.CancelScope(shield=True):
+                await _stop_in_order(list(started.values()))
+            name, error = next(iter(failed.items()))
+            if skipped:
+                error.add_note(
+                    f"service {name!r} failed to start, so these that require it were not "
+                    f"started: {', '.join(skipped)}"
+                )
+            raise error
+        return [started[spec.name] for spec in specs]
+
     @property
     def services(self) -> tuple[Service, ...]:
         """The services started so far, in order."""
@@ -994,9 +1238,7 @@ class ServiceGroup:
                 for settled in list(self._starts.values()):
                     await settled.wait()
             # Service.stop cannot fail: it only signals and waits.
-            async with anyio.create_task_group() as stoppers:
-                for service in self._services:
-                    stoppers.start_soon(service.stop)
+            await _stop_in_order(self._services)
             # Loggers end at end-of-file once every process is gone; give
             # them a moment to write the last lines, then cancel the rest.
             with anyio.move_on_after(5):
@@ -1048,6 +1290,13 @@ class ServiceGroup:
             raise TypeError(f"start() takes a ServiceSpec, not {spec!r}")
         if not self._entered or self._closed:
             raise RuntimeError("start services inside 'async with ServiceGroup() as group:'")
+        running = self._running_names()
+        for required in spec.requires:
+            if required not in running:
+                raise ValueError(
+                    f"service {spec.name!r} requires {required!r}, which is not running in the "
+                    "group: start it first, or start both with group.start_all"
+                )
         service = Service._of(spec, self)
         # The group's exit cancels starts in progress (and waits for them),
         # so that no container outlives it unowned.
@@ -1056,7 +1305,7 @@ class ServiceGroup:
         self._starts[scope] = settled
         try:
             with scope:
-                await service._launch()
+                await service._open()
         except BaseException:
             service._close_notify()
             raise
@@ -1071,5 +1320,5 @@ class ServiceGroup:
                 "it was stopped: start services inside the group's block"
             )
         self._services.append(service)
-        self._run(service._supervise, f"supervisor of {spec.name}", None)
+        self._run(service._run_supervisor, f"supervisor of {spec.name}", None)
         return service

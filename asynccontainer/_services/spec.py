@@ -41,6 +41,7 @@ from .._spec.filesystems import (
     Symlink,
 )
 from .._spec.namespaces import NAMESPACES, normalize_namespaces
+from .endpoint import Endpoint
 
 __all__ = [
     "DIRECTORY_BASES",
@@ -251,6 +252,44 @@ def _directory_names(field: str, value: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
+def _requires(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str | bytes):
+        raise TypeError(
+            f"requires is a sequence of service names, not {value!r}; write [{value!r}]"
+        )
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"requires holds service names (non-empty str), not {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"requires names a service twice: {list(names)!r}")
+    return names
+
+
+def _sockets(value: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    if isinstance(value, Endpoint):
+        raise TypeError(f"sockets is a sequence of Endpoint; write [{value!r}]")
+    endpoints = tuple(value)
+    for endpoint in endpoints:
+        if not isinstance(endpoint, Endpoint):
+            raise TypeError(
+                f"sockets holds ac.Endpoint items, as Endpoint(('127.0.0.1', 8080)), "
+                f"not {endpoint!r}"
+            )
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError("sockets names an endpoint twice")
+    return endpoints
+
+
+def _max_connections(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_connections is a whole number from 1, not {value!r}")
+
+
+# sd_listen_fds(3)'s variables.
+_LISTEN_VARIABLES = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
+
+
 def _runtime_directories(value: Iterable[str]) -> tuple[str, ...]:
     return _directory_names("runtime_directories", value)
 
@@ -396,6 +435,22 @@ class ServiceSpec(SharedOptions):
             FILE.1, FILE.1 becomes FILE.2 ..., between two lines, so no
             line is split or lost. None (the default) never rotates.
         log_keep: how many rotated files are kept (5).
+        sockets: `Endpoint` items the caller listens on (systemd's socket
+            units): the service gets them as fds 3, 4 ... with LISTEN_FDS,
+            LISTEN_FDNAMES and LISTEN_PID (its PID in its pid namespace).
+            Bound before anything starts; closed when the service stops.
+        lazy_start: start the service on the first connection to one of
+            its sockets (the connection waits in the backlog); after it
+            dies, on the next one.
+        accept: inetd style (systemd's Accept=yes): a fresh container per
+            connection, the connection as its stdin and stdout (stderr to
+            the log), at most `max_connections` (64) at once; further
+            connections wait in the backlog.
+        max_connections: see `accept`.
+        requires: names of services that must be started before this one
+            (systemd's Requires= with After=): `ServiceGroup.start_all`
+            starts them first, `ServiceGroup.start` wants them running in
+            the group, and the group stops this one before them.
 
     The other keywords are `ContainerSpec`'s: root, host_uids, guest_uid,
     guest_gid, populate, loopback_network, lock_mounts, hostname,
@@ -481,12 +536,20 @@ class ServiceSpec(SharedOptions):
         default=None, kw_only=True, validator=attrs.validators.optional(_log_size)
     )
     log_keep: int = attrs.field(default=5, kw_only=True, validator=_log_keep)
+    requires: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_requires)
+    sockets: tuple[Endpoint, ...] = attrs.field(default=(), kw_only=True, converter=_sockets)
+    lazy_start: bool = attrs.field(default=False, kw_only=True, validator=boolean)
+    accept: bool = attrs.field(default=False, kw_only=True, validator=boolean)
+    max_connections: int = attrs.field(default=64, kw_only=True, validator=_max_connections)
 
     def __attrs_post_init__(self) -> None:
         if self.name is None:
             object.__setattr__(self, "name", os.path.basename(self.command[0]))
         self._resolve_start_timeout()
         self._check_notify_and_log()
+        if self.name in self.requires:
+            raise ValueError(f"service {self.name!r} requires itself; drop it from requires")
+        self._check_sockets()
         if "pid" in self.namespaces:
             for field in ("stop_signal", "reload_signal"):
                 number = getattr(self, field)
@@ -505,6 +568,25 @@ class ServiceSpec(SharedOptions):
                 *((field, getattr(self, field)) for field in DIRECTORY_BASES),
             ),
         )
+
+    def _check_sockets(self) -> None:
+        if (self.lazy_start or self.accept) and not self.sockets:
+            which = "lazy_start" if self.lazy_start else "accept"
+            raise ValueError(f"{which} starts the service on a connection: give it sockets too")
+        if self.accept:
+            for field in ("lazy_start", "respawn", "notify", "pid_file"):
+                if getattr(self, field):
+                    raise ValueError(
+                        f"accept=True starts a container per connection, which {field} does "
+                        f"not apply to; drop {field}"
+                    )
+            return
+        taken = set(range(3, 3 + len(self.sockets))) & set(self.pass_fds)
+        if taken:
+            raise ValueError(
+                f"pass_fds {sorted(taken)} are where the sockets go (3 ...): pass those fds "
+                f"from {3 + len(self.sockets)} up"
+            )
 
     def _resolve_start_timeout(self) -> None:
         start, pid_file = self.start_timeout, self.pid_file_timeout
@@ -562,6 +644,12 @@ class ServiceSpec(SharedOptions):
         env = self.environment
         if env is None:
             env = tuple((os.environ if environ is None else environ).items())
+        # The caller's own activation (it may have been started by systemd)
+        # is not the service's.
+        env = tuple((k, v) for k, v in env if k not in _LISTEN_VARIABLES)
+        if self.sockets and not self.accept:
+            names = [endpoint.name or self.name for endpoint in self.sockets]
+            env = (*env, ("LISTEN_FDS", str(len(names))), ("LISTEN_FDNAMES", ":".join(names)))
         if notify_socket is not None:
             # sd_notify(3): the socket is mapped at its host path (service_extras).
             env = (
@@ -646,6 +734,7 @@ def service_extras(spec: ServiceSpec, notify_socket: str | None = None) -> Extra
         # A daemon's PID file is read in its mount namespace, through the
         # container's root, which the first process may not outlive.
         send_root=spec.pid_file is not None and "mnt" in spec.namespaces,
+        listen_fds=0 if spec.accept else len(spec.sockets),
         writable_files=tuple(
             path
             for path in (spec.log_file, notify_socket)
