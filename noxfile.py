@@ -74,8 +74,11 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks beside bubblewrap, unshare and plain subprocesses; write plots."""
     import shutil
 
-    if shutil.which("bwrap") is None:
-        # bubblewrap comes from the distribution's packages (Debian here).
-        session.run("apt-get", "install", "-y", "-qq", "bubblewrap", external=True)
+    missing = [
+        p for p, tool in (("bubblewrap", "bwrap"), ("socat", "socat")) if not shutil.which(tool)
+    ]
+    if missing:
+        # From the distribution's packages (Debian here): the baselines.
+        session.run("apt-get", "install", "-y", "-qq", *missing, external=True)
     session.install("-e", ".", "matplotlib>=3.8", "trio>=0.26")
     session.run("python", "-m", "bench", *session.posargs)

@@ -135,9 +135,10 @@ def main() -> int:
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="trio")
     parser.add_argument("--output", default=os.path.join("docs", "performance"))
     arguments = parser.parse_args()
-    if shutil.which("bwrap") is None:
-        print("bench: bwrap is missing: apt-get install bubblewrap", file=sys.stderr)
-        return 2
+    for package, tool in (("bubblewrap", "bwrap"), ("socat", "socat")):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing: apt-get install {package}", file=sys.stderr)
+            return 2
     print(f"# machine: {scenarios.machine()}; backend {arguments.backend}")
     results = anyio.run(run, arguments, backend=arguments.backend)
     os.makedirs(arguments.output, exist_ok=True)
