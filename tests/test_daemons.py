@@ -265,7 +265,9 @@ def dns_query(port: int, host: str) -> bytes:
     question = b"".join(bytes([len(part)]) + part.encode() for part in host.split(".")) + b"\0"
     packet = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + question + b"\0\1\0\1"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(5)
+        # Short, and tried again: a query sent before dnsmasq binds is lost
+        # (an unconnected UDP socket hears no ICMP error).
+        sock.settimeout(0.25)
         sock.sendto(packet, ("127.0.0.1", port))
         answer, _ = sock.recvfrom(512)
     return answer[-4:]

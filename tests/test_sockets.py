@@ -118,6 +118,36 @@ async def test_lazy_start_on_the_first_connection_and_again_after_its_end() -> N
     assert service.state == "stopped"
 
 
+async def test_restart_of_a_lazy_service_stops_it_until_the_next_connection() -> None:
+    port = free_port()
+    spec = ac.ServiceSpec(
+        python(ACTIVATED),
+        sockets=[ac.Endpoint(("127.0.0.1", port))],
+        lazy_start=True,
+        grace_period=GRACE,
+    )
+    async with ac.ServiceGroup() as group:
+        service = await group.start(spec)
+        first = (await exchange(("127.0.0.1", port))).split()[0]
+        pid = service.pid
+        assert pid is not None
+        await service.restart()
+        assert not alive(pid)
+        with anyio.fail_after(10):
+            while service.state != "listening":
+                await anyio.sleep(0.01)
+        assert (await exchange(("127.0.0.1", port))).split()[0] == first  # PID 2 again
+        assert service.pid != pid
+
+
+async def test_restart_of_an_accepting_service_is_refused() -> None:
+    spec = ac.ServiceSpec(["cat"], sockets=[ac.Endpoint(("127.0.0.1", free_port()))], accept=True)
+    async with ac.ServiceGroup() as group:
+        service = await group.start(spec)
+        with pytest.raises(RuntimeError, match="accepts connections"):
+            await service.restart()
+
+
 async def test_accept_a_container_per_connection_and_max_connections() -> None:
     """Two connections at once get two containers (two pid namespaces); with
     max_connections=2 a third waits in the backlog until one ends."""

@@ -95,7 +95,7 @@ class Endpoint:
 
     address: tuple[str, int] | str = attrs.field(converter=_address)
     name: str | None = attrs.field(default=None, validator=_name)
-    backlog: int = attrs.field(default=128, kw_only=True, validator=_backlog)
+    backlog: int = attrs.field(default=128, validator=_backlog)
 
     def __str__(self) -> str:
         if isinstance(self.address, str):

@@ -278,17 +278,26 @@ class Service:
         """Stop the service (its stop signal, SIGKILL after the grace period) and start it again.
 
         Returns once it is started again, as `ServiceGroup.start` does.
+        With `lazy_start`, returns once it is stopped: it starts again on
+        the next connection.
 
         Raises:
             RuntimeError: the service is down for good (stopped, or not
-                respawned): start a new one with `ServiceGroup.start`.
+                respawned): start a new one with `ServiceGroup.start`; or
+                it has `accept`, whose containers are each a connection's.
             ContainerError: it could not be started again (its
                 `recent_log` says why); it is then down for good.
         """
-        if self._finished.is_set() or self._stopping:
+        if self._finished.is_set() or self._stopping or self.spec.accept:
+            what = "accepts connections" if self.spec.accept else f"is {self._state}"
             raise RuntimeError(
-                f"service {self.name!r} is {self._state}: start a new one with group.start"
+                f"service {self.name!r} {what}: there is nothing to restart; "
+                "stop it, and start a new one with group.start"
             )
+        if self.spec.lazy_start:
+            self._set_state("stopping")
+            await self._terminate()
+            return
         restarted = self._restart = anyio.Event()
         self._set_state("stopping")
         await self._terminate()
