@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from pathlib import Path
 
 import anyio
@@ -80,6 +81,19 @@ async def test_an_activated_service_answers_on_the_socket_it_was_given() -> None
         await exchange(("127.0.0.1", port))  # closed with the group
 
 
+async def test_an_ipv6_endpoint() -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    spec = ac.ServiceSpec(
+        python(ACTIVATED), sockets=[ac.Endpoint(("::1", port))], grace_period=GRACE
+    )
+    async with ac.ServiceGroup() as group:
+        await group.start(spec)
+        answer = (await exchange(("::1", port))).decode()
+        assert answer.endswith("1 ['python3']\n")
+
+
 async def test_a_unix_socket_endpoint_and_two_names(tmp_path: Path) -> None:
     path = str(tmp_path / "web.sock")
     port = free_port()
@@ -96,10 +110,24 @@ async def test_a_unix_socket_endpoint_and_two_names(tmp_path: Path) -> None:
     assert not os.path.exists(path)
 
 
+def running_with(marker: str) -> list[int]:
+    """The PIDs of processes whose command line holds `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as cmdline:
+                if marker.encode() in cmdline.read():
+                    found.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 async def test_lazy_start_on_the_first_connection_and_again_after_its_end() -> None:
     port = free_port()
+    marker = f"lazy-{uuid.uuid4().hex}"
     spec = ac.ServiceSpec(
-        python(ACTIVATED, "once"),
+        python(ACTIVATED, "once", marker),
         sockets=[ac.Endpoint(("127.0.0.1", port))],
         lazy_start=True,
         grace_period=GRACE,
@@ -107,6 +135,7 @@ async def test_lazy_start_on_the_first_connection_and_again_after_its_end() -> N
     async with ac.ServiceGroup() as group:
         service = await group.start(spec)
         assert service.state == "listening" and service.pid is None
+        assert running_with(marker) == []  # nothing runs before a connection
         first = await exchange(("127.0.0.1", port))  # waits for the start, not refused
         assert first.split()[0] == first.split()[1]
         with anyio.fail_after(10):
