@@ -1063,6 +1063,15 @@ def test_services_on_a_terminal(tmp_path: Path) -> None:
     assert signals.read_text() == "TERM\n"
 
 
+def test_the_services_file_table_in_the_docs_names_every_field() -> None:
+    """docs/cli.md's table of keys keeps up with ServiceSpec: every field is there."""
+    import attrs
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    missing = [f.name for f in attrs.fields(ac.ServiceSpec) if f"`{f.name}`" not in page]
+    assert missing == []
+
+
 def test_the_check_output_in_the_docs_is_what_check_prints() -> None:
     """docs/cli.md shows every line `check` prints (values differ from machine to machine)."""
     page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
