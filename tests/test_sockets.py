@@ -213,6 +213,28 @@ async def test_accept_a_container_per_connection_and_max_connections() -> None:
     assert any("ended with status 0" in line for line in service.recent_log)
 
 
+async def test_an_accepting_services_log_is_rotated_too(tmp_path: Path) -> None:
+    """Its containers' stderr goes to its log_file, rotated as any service's."""
+    port = free_port()
+    log = tmp_path / "accept.log"
+    spec = ac.ServiceSpec(
+        ["sh", "-c", "echo a line of a connection, long enough to count >&2"],
+        sockets=[ac.Endpoint(("127.0.0.1", port))],
+        accept=True,
+        log_file=str(log),
+        log_max_bytes=1024,
+        log_keep=50,
+    )
+    async with ac.ServiceGroup() as group:
+        await group.start(spec)
+        for _ in range(40):
+            await exchange(("127.0.0.1", port))
+    rotated = list(tmp_path.glob("accept.log.*"))
+    assert rotated
+    lines = [line for f in [*rotated, log] for line in f.read_text().splitlines()]
+    assert sum("a line of a connection" in line for line in lines) == 40
+
+
 async def test_a_port_in_use_is_an_error_before_anything_starts(tmp_path: Path) -> None:
     mark = tmp_path / "started"
     with socket.socket() as taken:

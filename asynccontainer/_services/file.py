@@ -398,29 +398,14 @@ async def run_services(specs: list[ServiceSpec], out: TextIO | None = None) -> i
             watchers.start_soon(on_signal)
             try:
                 async with ServiceGroup() as group:
-                    settled = {spec.name: anyio.Event() for spec in specs}
-
-                    async def start(spec: ServiceSpec) -> None:
-                        # In dependency order (load_services checked it has
-                        # no cycle); one that fails fails what requires it.
-                        try:
-                            for required in spec.requires:
-                                await settled[required].wait()
-                            broken = next((r for r in spec.requires if r in failed), None)
-                            if broken is not None:
-                                failed[spec.name] = f"requires {broken!r}, which failed to start"
-                                return
-                            services[spec.name] = await group.start(spec)
-                        except Exception as exc:
-                            failed[spec.name] = (
-                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                            )
-                        finally:
-                            settled[spec.name].set()
-
-                    async with anyio.create_task_group() as starters:
-                        for spec in specs:
-                            starters.start_soon(start, spec)
+                    # In dependency order (load_services checked it has no
+                    # cycle); unlike start_all, what can start stays up.
+                    started, errors, skipped = await group._start_in_order(specs)
+                    services.update(started)
+                    for name, exc in errors.items():
+                        failed[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    for name, required in skipped.items():
+                        failed[name] = f"requires {required!r}, which failed to start"
                     while any(s.returncode is None for s in services.values()):
                         screen.show(services, failed)
                         await anyio.sleep(1)

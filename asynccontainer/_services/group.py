@@ -30,7 +30,7 @@ from .._core.container import _REAP_TIMEOUT, Container, _StdioFds, spawn
 from .._core.pidfile import PidTranslator, wait_for_pid_file
 from .._errors import ContainerError, ServiceStartError
 from .._forkserver.init import RELAYED_SIGNALS
-from .._plan.build import plan_container
+from .._plan.build import Extras, plan_container
 from .._spec.limits import ResourceUsage
 from .._spec.network import VethNetwork
 from .directories import make_directories, remove_runtime_directories
@@ -451,30 +451,14 @@ class Service:
         plan, request = plan_container(
             spec.container_spec(notify_socket=notify_path), list(spec.command), extras=extras
         )
-        for field, base in DIRECTORY_BASES.items():
-            for name in getattr(spec, field):
-                make_directories(base, name, extras.uid, extras.gid)
-        log_fd = None
-        rotation = None
-        if spec.log_file is not None:
-            log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
-            if spec.log_max_bytes is not None:
-                try:
-                    rotation = Rotation(
-                        spec.log_file, spec.log_max_bytes, spec.log_keep, extras.uid, extras.gid
-                    )
-                except BaseException:
-                    os.close(log_fd)
-                    raise
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent, rotation)
+        logger, write_fd = self._prepare(extras)
         self._launched = _boot_ticks()
         stdio = _StdioFds()
         try:
             stdio.add("stdin", 0, subprocess.DEVNULL)
             stdio.add("stdout", 1, write_fd)
             stdio.add("stderr", 2, write_fd)
-            listening = [] if spec.accept else [sock.fileno() for sock in self._listening]
+            listening = [sock.fileno() for sock in self._listening]
             container, root = await spawn(plan, request, [*stdio.fds, *listening, *spec.pass_fds])
         except BaseException:
             logger.close()
@@ -497,7 +481,9 @@ class Service:
         self._translator = None
         self._group._run(self._watch, f"watch of {spec.name}", None)
         try:
-            if spec.notify:
+            if "pid" in spec.namespaces and (spec.notify or spec.pid_file is not None):
+                # Both the notify socket's senders and the PID file's PID are
+                # checked against its pid namespace.
                 self._translator = await _translator_of(container)
             pid = await self._ready(container)
             if self._pid is None:  # not named by MAINPID= already
@@ -534,10 +520,9 @@ class Service:
             # if it has ended already); without one, PIDs are the host's.
             translate = PidTranslator(None)
             if "pid" in spec.namespaces:
-                found = await _translator_of(container)
-                if found is None:
+                if self._translator is None:
                     raise ProcessLookupError(3, "the service's init has ended")
-                translate = found
+                translate = self._translator
             root = None if self._root_fd is None else os.dup(self._root_fd)
             return await wait_for_pid_file(
                 pid_file,
@@ -627,8 +612,8 @@ class Service:
                 await container._end_remains()
             ended.set()
 
-    async def _wait_container(self, container: Container) -> bool:
-        """Wait for the container's first process (its init, with "pid"); return True."""
+    async def _wait_container(self, container: Container) -> None:
+        """Wait for the container's first process (its init, with "pid")."""
         try:
             self._returncode = await container.wait()
         except ContainerError as exc:
@@ -636,7 +621,6 @@ class Service:
             # (PR_SET_PDEATHSIG), and wait() says -SIGKILL.
             self._returncode = container.returncode
             self._lost = exc
-        return True
 
     async def _follow(self, container: Container) -> bool:
         """Wait until the launch ends; return True if its main process ended and others live."""
@@ -646,7 +630,8 @@ class Service:
 
             async def whole() -> None:
                 nonlocal done
-                done = await self._wait_container(container)
+                await self._wait_container(container)
+                done = True
                 if "pid" not in self.spec.namespaces:
                     # Without one, a daemon outlives its container's first
                     # process: main() follows it.
@@ -865,16 +850,9 @@ class Service:
         spec = self.spec
         extras = service_extras(spec)
         plan = plan_container(spec.container_spec(), list(spec.command), extras=extras)
-        for field, base in DIRECTORY_BASES.items():
-            for name in getattr(spec, field):
-                make_directories(base, name, extras.uid, extras.gid)
         for sock in self._listening:
             sock.setblocking(False)  # only the caller accepts on them
-        log_fd = None
-        if spec.log_file is not None:
-            log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent)
+        logger, write_fd = self._prepare(extras)
         self._group._run(logger.run, f"log of {spec.name}", logger.done)
         self._accept_log = write_fd
         self._server = ConnectionServer(
@@ -886,6 +864,28 @@ class Service:
             recent=self._recent,
         )
         self._set_state("listening")
+
+    def _prepare(self, extras: Extras) -> tuple[LineLogger, int]:
+        """Make its directories and open its log; return the logger and its pipe's write end."""
+        spec = self.spec
+        for field, base in DIRECTORY_BASES.items():
+            for name in getattr(spec, field):
+                make_directories(base, name, extras.uid, extras.gid)
+        log_fd = None
+        rotation = None
+        if spec.log_file is not None:
+            log_fd = open_log_file(spec.log_file, extras.uid, extras.gid)
+            if spec.log_max_bytes is not None:
+                try:
+                    rotation = Rotation(
+                        spec.log_file, spec.log_max_bytes, spec.log_keep, extras.uid, extras.gid
+                    )
+                except BaseException:
+                    os.close(log_fd)
+                    raise
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        logger = self._logger = LineLogger(read_fd, log_fd, spec.name, self._recent, rotation)
+        return logger, write_fd
 
     def _accepting(self) -> str:
         assert self._server is not None
@@ -1178,9 +1178,34 @@ class ServiceGroup:
         if not self._entered or self._closed:
             raise RuntimeError("start services inside 'async with ServiceGroup() as group:'")
         check_order(specs, self._running_names())
+        started, failed, skipped = await self._start_in_order(specs)
+        if failed:
+            with anyio.CancelScope(shield=True):
+                await _stop_in_order(list(started.values()))
+            name, error = next(iter(failed.items()))
+            if skipped:
+                error.add_note(
+                    f"service {name!r} failed to start, so these that require it were not "
+                    f"started: {', '.join(skipped)}"
+                )
+            raise error
+        return [started[spec.name] for spec in specs]
+
+    async def _start_in_order(
+        self, specs: list[ServiceSpec]
+    ) -> tuple[dict[str, Service], dict[str, Exception], dict[str, str]]:
+        """Start each spec once what it requires has started; skip it if that failed.
+
+        `check_order` has passed. Returns the services started, the errors
+        of those that failed, and for each one skipped the name it required
+        that did not start, all by name. `start_all` and the services file's
+        runner share it.
+
+        Cancellation: what it started is stopped, shielded, first.
+        """
         started: dict[str, Service] = {}
-        failed: dict[str, BaseException] = {}
-        skipped: list[str] = []
+        failed: dict[str, Exception] = {}
+        skipped: dict[str, str] = {}
         settled = {spec.name: anyio.Event() for spec in specs}
 
         async def one(spec: ServiceSpec) -> None:
@@ -1188,8 +1213,9 @@ class ServiceGroup:
                 for required in spec.requires:
                     if required in settled:
                         await settled[required].wait()
-                if any(r in failed or r in skipped for r in spec.requires):
-                    skipped.append(spec.name)
+                broken = next((r for r in spec.requires if r in failed or r in skipped), None)
+                if broken is not None:
+                    skipped[spec.name] = broken
                     return
                 try:
                     started[spec.name] = await self.start(spec)
@@ -1206,17 +1232,7 @@ class ServiceGroup:
             with anyio.CancelScope(shield=True):
                 await _stop_in_order(list(started.values()))
             raise
-        if failed:
-            with anyio.CancelScope(shield=True):
-                await _stop_in_order(list(started.values()))
-            name, error = next(iter(failed.items()))
-            if skipped:
-                error.add_note(
-                    f"service {name!r} failed to start, so these that require it were not "
-                    f"started: {', '.join(skipped)}"
-                )
-            raise error
-        return [started[spec.name] for spec in specs]
+        return started, failed, skipped
 
     @property
     def services(self) -> tuple[Service, ...]:
